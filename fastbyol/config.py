@@ -1,0 +1,202 @@
+"""Every training setting as one dataclass, with the recipe's defaults and CLI parsing.
+
+Fields left at None are resolved by `resolve`: from the recipe's presets (by --epochs), from the data
+(small images) and from the device (the embedded CPU demo). Any flag given overrides them.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastbyol import InputError
+from fastbyol.model import ARCHS
+from fastbyol.schedules import preset_for_epochs
+
+SMALL_IMAGE_MAX_SIDE = 64
+
+
+@dataclass
+class Config:
+    # data
+    data: str | None = field(default=None, metadata=dict(help="ImageFolder root (DIR/train/<class>/*, "
+                             "DIR/val/<class>/*); default: the embedded Fashion-MNIST"))
+    subset: int = field(default=0, metadata=dict(help="train on the first N images of a fixed "
+                        "shuffle (0 = all)"))
+    image_size: int | None = field(default=None, metadata=dict(help="view side; default 224, or 32 "
+                                   "for images <= 64 px"))
+    crop_scale_min: float = field(default=0.08, metadata=dict(help="random resized crop area, lower bound"))
+    workers: int | None = field(default=None, metadata=dict(help="data-loading processes per rank"))
+    # model
+    arch: str | None = field(default=None, metadata=dict(help=f"one of {', '.join(ARCHS)}; default "
+                             "resnet50, or for the embedded data resnet18 (GPU) / cnn4 (CPU)"))
+    stem: str = field(default="auto", metadata=dict(help="auto|small|imagenet: small = 3x3 conv, "
+                      "stride 1, no max-pool (auto: for views <= 64 px)"))
+    proj_hidden: int | None = field(default=None, metadata=dict(help="projector/predictor hidden "
+                                    "width (4096)"))
+    proj_dim: int | None = field(default=None, metadata=dict(help="projection size (256)"))
+    # optimisation (None: the official preset nearest to --epochs)
+    epochs: float | None = field(default=None, metadata=dict(help="training length (default 300)"))
+    batch_size: int = field(default=256, metadata=dict(help="GLOBAL batch, split over ranks"))
+    lr: float | None = field(default=None, metadata=dict(help="base lr, scaled by batch/256"))
+    weight_decay: float | None = None
+    tau_base: float | None = None
+    momentum: float = 0.9
+    trust_coef: float = 1e-3
+    warmup_epochs: float = 10.0
+    # run
+    out: str = field(default="runs/byol", metadata=dict(help="run folder: config, metrics, checkpoints"))
+    resume: bool = field(default=False, metadata=dict(help="continue from OUT/checkpoint.pt"))
+    seed: int = 0
+    device: str = field(default="auto", metadata=dict(help="auto|cpu|cuda"))
+    log_every: int = field(default=20, metadata=dict(help="steps between metric lines (and NaN checks)"))
+    ckpt_every: int = field(default=200, metadata=dict(help="steps between checkpoints"))
+    stop_at_step: int = field(default=0, metadata=dict(help="stop (with a checkpoint) after this "
+                              "global step, keeping the full run's schedule; 0 = run to the end"))
+    # monitoring
+    knn_every: float = field(default=0, metadata=dict(help="epochs between k-NN evaluations (0: at "
+                             "the end only)"))
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    knn_samples: int = field(default=10000, metadata=dict(help="train images in the k-NN bank and "
+                             "val images scored (0 = all)"))
+
+
+def _base_type(tp):
+    """The runtime type of a field annotation like `int | None`."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def _field_types() -> dict:
+    hints = typing.get_type_hints(Config)
+    return {f.name: _base_type(hints[f.name]) for f in dataclasses.fields(Config)}
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line naming the flag, exit 2, as for every InputError
+        raise InputError(message)
+
+
+def build_parser(prog: str, extra: typing.Callable[[argparse.ArgumentParser], None] | None = None):
+    parser = _Parser(prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                     argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(Config):
+        tp = _field_types()[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        helptext = f.metadata.get("help", " ")
+        if tp is bool:
+            parser.add_argument(flag, nargs="?", const=True, type=_parse_bool, help=helptext)
+        else:
+            parser.add_argument(flag, type=tp, help=helptext, metavar=tp.__name__.upper())
+    if extra:
+        extra(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None, prog: str = "fastbyol.train", extra=None):
+    """Returns (config, the flags given explicitly, the remaining namespace of `extra` flags)."""
+    ns = vars(build_parser(prog, extra).parse_args(argv))
+    names = {f.name for f in dataclasses.fields(Config)}
+    given = {k: v for k, v in ns.items() if k in names}
+    rest = {k: v for k, v in ns.items() if k not in names}
+    cfg = Config(**given)
+    validate(cfg)
+    return cfg, given, rest
+
+
+def validate(cfg: Config) -> None:
+    """Reject values that cannot mean anything, naming the flag."""
+    def bad(name, why):
+        raise InputError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: {why}")
+
+    for name in ("batch_size", "log_every", "ckpt_every", "knn_k"):
+        if getattr(cfg, name) <= 0:
+            bad(name, "must be a positive integer")
+    for name in ("subset", "stop_at_step", "knn_samples"):
+        if getattr(cfg, name) < 0:
+            bad(name, "must be >= 0")
+    for name in ("epochs", "lr", "image_size", "proj_hidden", "proj_dim", "knn_temperature",
+                 "trust_coef"):
+        value = getattr(cfg, name)
+        if value is not None and not value > 0:
+            bad(name, "must be positive")
+    for name in ("weight_decay", "momentum", "warmup_epochs", "knn_every"):
+        value = getattr(cfg, name)
+        if value is not None and not value >= 0:
+            bad(name, "must be >= 0")
+    if cfg.workers is not None and cfg.workers < 0:
+        bad("workers", "must be >= 0")
+    if cfg.tau_base is not None and not 0 <= cfg.tau_base <= 1:
+        bad("tau_base", "must lie in [0, 1]")
+    if cfg.momentum >= 1:
+        bad("momentum", "must be < 1")
+    if not 0 < cfg.crop_scale_min <= 1:
+        bad("crop_scale_min", "must lie in (0, 1]")
+    if cfg.arch is not None and cfg.arch not in ARCHS:
+        bad("arch", f"unknown architecture; choose one of {', '.join(ARCHS)}")
+    if cfg.stem not in ("auto", "small", "imagenet"):
+        bad("stem", "choose auto, small or imagenet")
+    if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
+        bad("device", "choose auto, cpu or cuda")
+
+
+# The embedded CPU demo, sized from the measured rate of the 2-core reference machine so that the whole
+# run (cache, two k-NN passes, training) ends within 10 minutes (BYOL_RECIPE.md, CPU reference point).
+CPU_DEMO = dict(arch="cnn4", epochs=3.0, lr=2.0, tau_base=0.99, weight_decay=1.5e-6,
+                proj_hidden=512, proj_dim=128)
+
+
+def resolve(cfg: Config, given: dict, *, device_type: str, embedded: bool, native_side: int) -> Config:
+    """Fill every None with a concrete value. Order: explicit flags > CPU demo > presets > recipe."""
+    cfg = dataclasses.replace(cfg)
+    if embedded and device_type == "cpu":
+        for key, value in CPU_DEMO.items():
+            if key not in given:
+                setattr(cfg, key, value)
+    if cfg.arch is None:
+        cfg.arch = "resnet18" if embedded else "resnet50"
+    if cfg.epochs is None:
+        cfg.epochs = 300.0
+    preset = preset_for_epochs(cfg.epochs)
+    for key in ("lr", "weight_decay", "tau_base"):
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, preset[key])
+    if cfg.image_size is None:
+        cfg.image_size = 32 if native_side <= SMALL_IMAGE_MAX_SIDE else 224
+    if cfg.stem == "auto":
+        cfg.stem = "small" if cfg.image_size <= SMALL_IMAGE_MAX_SIDE else "imagenet"
+    cfg.proj_hidden = cfg.proj_hidden or 4096
+    cfg.proj_dim = cfg.proj_dim or 256
+    if cfg.workers is None:
+        cfg.workers = min(8, os.cpu_count() or 1)
+    return cfg
+
+
+def is_small(cfg: Config) -> bool:
+    """Small-image mode (BYOL_RECIPE.md): no blur, min(10 epochs, 10%) warm-up."""
+    return cfg.image_size <= SMALL_IMAGE_MAX_SIDE
+
+
+def save(cfg: Config, path: Path) -> None:
+    path.write_text(json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True) + "\n")
+
+
+def from_dict(values: dict) -> Config:
+    names = {f.name for f in dataclasses.fields(Config)}
+    unknown = set(values) - names
+    if unknown:
+        raise InputError(f"unknown config keys {sorted(unknown)}")
+    return Config(**values)

@@ -1,0 +1,19 @@
+"""The target network's exponential moving average: xi <- tau * xi + (1 - tau) * theta.
+
+Buffer policy: the target's buffers (BatchNorm running statistics) are COPIED from the online network at
+every update. The target always runs in training mode, so they never affect the loss; copying keeps the
+target usable for evaluation with the same statistics as the online encoder it averages.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def ema_reference(target: nn.Module, online: nn.Module, tau: float) -> None:
+    """The plain per-tensor loop. lerp makes tau=1 an exact no-op and tau=0 an exact copy."""
+    for t, o in zip(target.parameters(), online.parameters(), strict=True):
+        t.lerp_(o, 1.0 - tau)
+    for t, o in zip(target.buffers(), online.buffers(), strict=True):
+        t.copy_(o)
