@@ -122,3 +122,55 @@ def test_ema_formula_and_buffer_policy():
     for (name, t), o in zip(target.named_buffers(), online.buffers()):
         assert torch.equal(t, o), name
     assert target[1].num_batches_tracked.item() == 1
+
+
+def random_shapes(seed, n=24):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(), (1,), (7,)]
+    for _ in range(n - len(shapes)):
+        ndim = int(torch.randint(0, 5, (1,), generator=gen))
+        shapes.append(tuple(int(d) for d in torch.randint(1, 9, (ndim,), generator=gen)))
+    return shapes
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_foreach_lars_equals_its_twin_over_100_steps(seed):
+    shapes = random_shapes(seed)
+    gen = torch.Generator().manual_seed(seed)
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    with torch.no_grad():
+        init[-1].zero_()  # a zero-norm weight takes the trust = 1 branch
+    pa = [nn.Parameter(t.clone()) for t in init]
+    pb = [nn.Parameter(t.clone()) for t in init]
+    fused = LARS(lars_param_groups(pa, 1e-4), momentum=0.9, weight_decay=1e-4, foreach=True)
+    twin = LARS(lars_param_groups(pb, 1e-4), momentum=0.9, weight_decay=1e-4, foreach=False)
+    for step in range(100):
+        lr = 0.5 * (1 + step % 7)
+        for a, b in zip(pa, pb):
+            g = torch.randn(a.shape, generator=gen)
+            a.grad, b.grad = g.clone(), g.clone()
+        for opt, lr_value in ((fused, torch.tensor(lr)), (twin, lr)):  # the fused one takes a tensor lr
+            for group in opt.param_groups:
+                group["lr"] = lr_value
+            opt.step()
+    for a, b in zip(pa, pb):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_foreach_ema_equals_its_twin_over_100_steps():
+    from fastbyol.kernels.ema import ema_foreach
+    online, _ = two_nets()
+    target_a, target_b = copy.deepcopy(online), copy.deepcopy(online)
+    gen = torch.Generator().manual_seed(3)
+    for step in range(100):
+        with torch.no_grad():
+            for p in online.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=gen))
+        online(torch.randn(16, 4, generator=gen))  # moves the BN buffers
+        tau = 0.99 + 0.01 * step / 100
+        ema_foreach(target_a, online, torch.tensor(tau))
+        ema_reference(target_b, online, tau)
+    for a, b in zip(target_a.state_dict().values(), target_b.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for a, o in zip(target_a.buffers(), online.buffers()):
+        assert torch.equal(a, o)

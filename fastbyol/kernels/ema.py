@@ -17,3 +17,13 @@ def ema_reference(target: nn.Module, online: nn.Module, tau: float) -> None:
         t.lerp_(o, 1.0 - tau)
     for t, o in zip(target.buffers(), online.buffers(), strict=True):
         t.copy_(o)
+
+
+@torch.no_grad()
+def ema_foreach(target: nn.Module, online: nn.Module, tau) -> None:
+    """Multi-tensor EMA: one fused lerp over all parameters, one copy over all buffers. tau may be a
+    0-d device tensor (no recompiles as it moves)."""
+    torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1.0 - tau)
+    t_bufs, o_bufs = list(target.buffers()), list(online.buffers())
+    if t_bufs:
+        torch._foreach_copy_(t_bufs, o_bufs)
