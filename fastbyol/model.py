@@ -75,6 +75,12 @@ class BYOL(nn.Module):
         self.target.requires_grad_(False)
         self.probe = nn.Linear(dim, num_classes)
 
+    def train(self, mode: bool = True):
+        """The target always runs in training mode (batch statistics), as in the official code."""
+        super().train(mode)
+        self.target.train(True)
+        return self
+
     def online_parameters(self):
         """Everything the optimizer updates: online network, predictor and probe (not the target)."""
         return [p for name, p in self.named_parameters() if not name.startswith("target.")]
@@ -87,7 +93,6 @@ class BYOL(nn.Module):
         y1, y2 = enc(v1), enc(v2)
         p1, p2 = self.predictor(proj(y1)), self.predictor(proj(y2))
         with torch.no_grad():
-            self.target.train()
             z1 = self.target["projector"](self.target["encoder"](v1))
             z2 = self.target["projector"](self.target["encoder"](v2))
         byol = (regression_loss(p1, z2) + regression_loss(p2, z1)).mean()

@@ -1,0 +1,81 @@
+"""The BYOL step: forward + loss compiled as one function, the update (LARS + EMA) as another.
+
+Two functions because a compiled graph cannot contain `.backward()`, and DDP's overlapped gradient
+all-reduce splits the forward graph at bucket boundaries anyway. The schedule values (lr, tau) go in as
+0-d device tensors, so nothing recompiles as they move, and nothing in a step reads a value back to the
+host: the caller reads the returned metrics at log intervals only.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastbyol.kernels.ema import ema_foreach, ema_reference
+from fastbyol.kernels.lars import LARS, lars_foreach, lars_reference
+from fastbyol.model import BYOL
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+COMPILE_MODES = ("off", "default", "max-autotune")
+
+
+class BYOLStep:
+    """One optimizer step of BYOL. `net` is what runs the forward: the model itself, or its DDP wrapper
+    (checkpoints and the EMA always use the unwrapped `model`).
+
+    fused=True: multi-tensor LARS and EMA; fused=False: their per-parameter reference twins (the plain
+    baseline of the benchmarks). precision: bf16 autocast (default on GPUs), fp16 autocast with loss
+    scaling (GPUs without bf16), or fp32; master weights are fp32 in every case."""
+
+    def __init__(self, model: BYOL, optimizer: LARS, net: nn.Module | None = None, *,
+                 precision: str = "fp32", compile: str = "off", fused: bool = True,
+                 backend: str | object = "inductor"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile {compile!r}: choose one of {', '.join(COMPILE_MODES)}")
+        self.model, self.optimizer = model, optimizer
+        self.dtype = PRECISIONS[precision]
+        self.device = next(model.parameters()).device
+        self.lars = lars_foreach if fused else lars_reference
+        self.ema = ema_foreach if fused else ema_reference
+        # Parameter lists fixed once: the update sees the same structure every step.
+        self.groups = [(group, list(group["params"]),
+                        [optimizer.state[p]["momentum_buffer"] for p in group["params"]])
+                       for group in optimizer.param_groups]
+        self.lr = torch.zeros((), device=self.device)
+        self.tau = torch.zeros((), device=self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+        forward, update = net or model, self._update
+        if compile != "off":
+            mode = None if compile == "default" else compile
+            forward = torch.compile(forward, mode=mode, backend=backend)
+            update = torch.compile(update, mode=mode, backend=backend)
+        self.forward, self.update = forward, update
+
+    def _update(self, lr: torch.Tensor, tau: torch.Tensor) -> None:
+        for group, params, bufs in self.groups:
+            self.lars(params, [p.grad for p in params], bufs, lr=lr, weight_decay=group["weight_decay"],
+                      momentum=group["momentum"], trust_coef=group["trust_coef"], adapt=group["adapt"])
+        self.ema(self.model.target, self.model.online, tau)
+
+    def __call__(self, v1: torch.Tensor, v2: torch.Tensor, labels: torch.Tensor, lr: float,
+                 tau: float) -> torch.Tensor:
+        """Returns the step's metrics as one device tensor: total loss, BYOL loss, probe loss, probe
+        accuracy. Reading it is the caller's host sync, at log intervals."""
+        self.lr.fill_(lr)  # a scalar fill kernel, not a host sync
+        self.tau.fill_(tau)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            loss, byol, probe_loss, probe_acc = self.forward(v1, v2, labels)
+        for p in self.model.parameters():
+            p.grad = None
+        if self.scaler is None:
+            loss.backward()
+            self.update(self.lr, self.tau)
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            # note: fp16 only: the inf check of loss scaling is a host sync (GradScaler's own)
+            if not sum(v.item() for v in self.scaler._found_inf_per_device(self.optimizer).values()):
+                self.update(self.lr, self.tau)
+            self.scaler.update()
+        return torch.stack([loss.detach().float(), byol.float(), probe_loss.float(), probe_acc])
