@@ -48,6 +48,20 @@ class Config:
     momentum: float = 0.9
     trust_coef: float = 1e-3
     warmup_epochs: float = 10.0
+    # the step
+    precision: str | None = field(default=None, metadata=dict(help="bf16|fp16|fp32 (default: bf16 "
+                                  "autocast on GPUs, fp32 on the CPU)"))
+    compile: str | None = field(default=None, metadata=dict(help="off|default|max-autotune "
+                                "(default: default on GPUs, off on the CPU)"))
+    fused: bool = field(default=True, metadata=dict(help="multi-tensor LARS and EMA (off: the "
+                        "per-parameter reference twins)"))
+    sync_bn: bool = field(default=True, metadata=dict(help="BatchNorm statistics over the global "
+                          "batch (SyncBatchNorm; GPUs only)"))
+    # processes
+    nproc: int = field(default=0, metadata=dict(help="local worker processes to launch (0: as "
+                       "launched)"))
+    dist_timeout: float = field(default=300.0, metadata=dict(help="seconds a collective waits for a "
+                                "dead or stuck peer before the job fails"))
     # run
     out: str = field(default="runs/byol", metadata=dict(help="run folder: config, metrics, checkpoints"))
     resume: bool = field(default=False, metadata=dict(help="continue from OUT/checkpoint.pt"))
@@ -137,6 +151,14 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg, name)
         if value is not None and not value >= 0:
             bad(name, "must be >= 0")
+    if cfg.precision is not None and cfg.precision not in ("bf16", "fp16", "fp32"):
+        bad("precision", "choose bf16, fp16 or fp32")
+    if cfg.compile is not None and cfg.compile not in ("off", "default", "max-autotune"):
+        bad("compile", "choose off, default or max-autotune")
+    if cfg.nproc < 0:
+        bad("nproc", "must be >= 0")
+    if not cfg.dist_timeout > 0:
+        bad("dist_timeout", "must be positive")
     if cfg.workers is not None and cfg.workers < 0:
         bad("workers", "must be >= 0")
     if cfg.tau_base is not None and not 0 <= cfg.tau_base <= 1:
@@ -159,12 +181,13 @@ CPU_DEMO = dict(arch="cnn4", epochs=3.0, lr=2.0, tau_base=0.99, weight_decay=1.5
                 proj_hidden=512, proj_dim=128)
 
 
-def resolve(cfg: Config, given: dict, *, device_type: str, embedded: bool, native_side: int) -> Config:
-    """Fill every None with a concrete value. Order: explicit flags > CPU demo > presets > recipe."""
+def resolve(cfg: Config, *, device_type: str, embedded: bool, native_side: int) -> Config:
+    """Fill every None with a concrete value. Order: explicit flags > CPU demo > presets > recipe.
+    Values already set are kept, so resolving a saved config changes nothing."""
     cfg = dataclasses.replace(cfg)
     if embedded and device_type == "cpu":
         for key, value in CPU_DEMO.items():
-            if key not in given:
+            if getattr(cfg, key) is None:
                 setattr(cfg, key, value)
     if cfg.arch is None:
         cfg.arch = "resnet18" if embedded else "resnet50"
@@ -182,6 +205,10 @@ def resolve(cfg: Config, given: dict, *, device_type: str, embedded: bool, nativ
     cfg.proj_dim = cfg.proj_dim or 256
     if cfg.workers is None:
         cfg.workers = min(8, os.cpu_count() or 1)
+    if cfg.precision is None:
+        cfg.precision = "bf16" if device_type == "cuda" else "fp32"
+    if cfg.compile is None:
+        cfg.compile = "default" if device_type == "cuda" else "off"
     return cfg
 
 

@@ -16,77 +16,128 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import torch.distributed as torch_dist
+
 from fastbyol import InputError
+from fastbyol.dist import Dist, all_gather_tensor
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
 def extract_features(encoder, batches, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Representations y (float32, on the CPU) and labels of every batch, encoder in eval mode."""
+    """Representations y and labels of every batch, encoder in eval mode, kept on the device (fp16 on
+    GPUs, where a bank of 1.28M x 2048 takes 5 GB, sharded over ranks)."""
     was_training = encoder.training
     encoder.eval()
+    feat_dtype = torch.float16 if device.type == "cuda" else torch.float32
     feats, labels = [], []
     for images, batch_labels, _ in batches:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            feats.append(encoder(images.to(device)).float().cpu())
-        labels.append(batch_labels.cpu())
+            feats.append(encoder(images).to(feat_dtype))
+        labels.append(batch_labels)
     encoder.train(was_training)
+    if not feats:  # a rank whose shard is empty
+        return torch.zeros(0, 0, device=device, dtype=feat_dtype), torch.zeros(0, dtype=torch.long,
+                                                                               device=device)
     return torch.cat(feats), torch.cat(labels)
+
+
+def _all_reduce_sum(tensor: torch.Tensor, dist: Dist) -> torch.Tensor:
+    if dist.enabled:
+        torch_dist.all_reduce(tensor)
+    return tensor
 
 
 @torch.no_grad()
 def knn_top1(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor,
              query_labels: torch.Tensor, num_classes: int, k: int = 200, temperature: float = 0.1,
-             chunk: int = 1024) -> float:
-    """Top-1 accuracy (%) of a temperature-weighted cosine k-NN vote."""
-    bank = F.normalize(bank.float(), dim=1)
-    queries = F.normalize(queries.float(), dim=1)
-    k = min(k, len(bank))
-    correct = 0
+             dist: Dist = Dist(), chunk: int = 1024) -> float:
+    """Top-1 accuracy (%) of a temperature-weighted cosine k-NN vote. Under DDP each rank holds a
+    shard of the bank and of the queries: every rank scores every query chunk against its own shard,
+    and the per-shard top-k candidates are gathered and merged, so the bank never sits on one device."""
+    bank = F.normalize(bank.float(), dim=1).to(bank.dtype) if len(bank) else bank
+    queries = torch.cat(all_gather_tensor(F.normalize(queries.float(), dim=1), dist))
+    query_labels = torch.cat(all_gather_tensor(query_labels, dist))
+    correct = torch.zeros((), device=queries.device)
     for start in range(0, len(queries), chunk):
-        sim, idx = (queries[start:start + chunk] @ bank.T).topk(k, dim=1)
-        votes = torch.zeros(len(sim), num_classes)
-        votes.scatter_add_(1, bank_labels[idx], (sim / temperature).exp())
-        correct += (votes.argmax(1) == query_labels[start:start + chunk]).sum().item()
-    return 100.0 * correct / len(queries)
+        q = queries[start:start + chunk]
+        sim = torch.full((len(q), k), -float("inf"), device=q.device)  # padding: weight exp(-inf) = 0
+        lab = torch.zeros((len(q), k), dtype=torch.long, device=q.device)
+        if len(bank):
+            top_sim, top_idx = (q.to(bank.dtype) @ bank.T).float().topk(min(k, len(bank)), dim=1)
+            sim[:, :top_sim.shape[1]], lab[:, :top_sim.shape[1]] = top_sim, bank_labels[top_idx]
+        if dist.enabled:
+            sims, labs = [torch.empty_like(sim) for _ in range(dist.world_size)], \
+                [torch.empty_like(lab) for _ in range(dist.world_size)]
+            torch_dist.all_gather(sims, sim)
+            torch_dist.all_gather(labs, lab)
+            sim, pick = torch.cat(sims, 1).topk(k, dim=1)
+            lab = torch.cat(labs, 1).gather(1, pick)
+        votes = torch.zeros(len(q), num_classes, device=q.device)
+        votes.scatter_add_(1, lab, (sim / temperature).exp())
+        correct += (votes.argmax(1) == query_labels[start:start + chunk]).sum()
+    return 100.0 * correct.item() / max(1, len(queries))
 
 
 def linear_probe(train_x, train_y, val_x, val_y, num_classes: int, epochs: int = 80,
-                 batch_size: int = 1024, lr: float = 0.1, seed: int = 0) -> float:
-    """Val top-1 (%) of a linear classifier on standardized frozen features."""
-    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+                 batch_size: int = 1024, lr: float = 0.1, seed: int = 0, dist: Dist = Dist()) -> float:
+    """Val top-1 (%) of a linear classifier on standardized frozen features. Under DDP each rank trains
+    on its shard and the gradients are averaged (the global batch is batch_size)."""
+    train_x, val_x = train_x.float(), val_x.float()
+    count = _all_reduce_sum(torch.tensor(float(len(train_x)), device=train_x.device), dist)
+    total = _all_reduce_sum(train_x.sum(0), dist)
+    mean = total / count
+    var = _all_reduce_sum(((train_x - mean) ** 2).sum(0), dist) / (count - 1)
+    std = var.sqrt().clamp_min(1e-6)
     train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
-    gen = torch.Generator().manual_seed(seed)
-    head = torch.nn.Linear(train_x.shape[1], num_classes)
+    gen = torch.Generator().manual_seed(seed + dist.rank)
+    head = torch.nn.Linear(train_x.shape[1], num_classes).to(train_x.device)
+    if dist.enabled:
+        for p in head.parameters():
+            torch_dist.broadcast(p.data, 0)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, nesterov=True)
-    steps = epochs * math.ceil(len(train_x) / batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    per_rank = max(1, batch_size // dist.world_size)
+    steps_per_epoch = math.ceil(count.item() / batch_size)  # the same on every rank
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
     for _ in range(epochs):
-        for idx in torch.randperm(len(train_x), generator=gen).split(batch_size):
+        order = torch.randperm(len(train_x), generator=gen).to(train_x.device)
+        for i in range(steps_per_epoch):
+            idx = order[(i * per_rank) % len(order):][:per_rank]
             loss = F.cross_entropy(head(train_x[idx]), train_y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if dist.enabled:
+                for p in head.parameters():
+                    torch_dist.all_reduce(p.grad)
+                    p.grad /= dist.world_size
             opt.step()
             sched.step()
     with torch.no_grad():
-        return 100.0 * (head(val_x).argmax(1) == val_y).float().mean().item()
+        correct = _all_reduce_sum((head(val_x).argmax(1) == val_y).sum().float(), dist)
+        seen = _all_reduce_sum(torch.tensor(float(len(val_y)), device=val_x.device), dist)
+    return 100.0 * correct.item() / seen.item()
 
 
 def split_features(encoder, root: Path, split: str, image_size: int, samples: int, workers: int,
-                   device: torch.device, batch_size: int = 512):
-    from fastbyol.pipelines.torchvision import eval_loader
-    batches = eval_loader(root, split, image_size=image_size, batch_size=batch_size, workers=workers,
-                          device=device, max_samples=samples or None)
+                   device: torch.device, dist: Dist = Dist(), batch_size: int = 256):
+    """This rank's shard of a split's features (a fixed random subset of `samples`; 0 = all)."""
+    from fastbyol.config import SMALL_IMAGE_MAX_SIDE
+    from fastbyol.pipelines.torchvision import EvalLoader
+    batches = EvalLoader(root, split, image_size=image_size, batch_size=batch_size,
+                         small=image_size <= SMALL_IMAGE_MAX_SIDE, workers=workers, device=device,
+                         rank=dist.rank, world_size=dist.world_size, max_samples=samples or None)
     return extract_features(encoder, batches, device)
 
 
 def knn_eval(encoder, root: Path, image_size: int, num_classes: int, device: torch.device,
-             samples: int = 10000, k: int = 200, temperature: float = 0.1, workers: int = 2) -> float:
+             samples: int = 10000, k: int = 200, temperature: float = 0.1, workers: int = 2,
+             dist: Dist = Dist()) -> float:
     """k-NN top-1 with a bank of `samples` train images, scored on `samples` val images."""
-    bank, bank_labels = split_features(encoder, root, "train", image_size, samples, workers, device)
-    queries, query_labels = split_features(encoder, root, "val", image_size, samples, workers, device)
-    return knn_top1(bank, bank_labels, queries, query_labels, num_classes, k, temperature)
+    bank, bank_labels = split_features(encoder, root, "train", image_size, samples, workers, device, dist)
+    queries, query_labels = split_features(encoder, root, "val", image_size, samples, workers, device,
+                                           dist)
+    return knn_top1(bank, bank_labels, queries, query_labels, num_classes, k, temperature, dist)
 
 
 def load_encoder(checkpoint: Path, which: str, device: torch.device):
@@ -126,7 +177,8 @@ def main(argv=None) -> None:
                                     args.workers, device) for split in ("train", "val")]
             top1 = linear_probe(*feats[0], *feats[1], num_classes, epochs=args.epochs)
     except InputError as exc:
-        sys.exit(f"fastbyol.evaluate: error: {exc}")
+        print(f"fastbyol.evaluate: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     print(json.dumps(dict(protocol=args.protocol, which=args.which, top1=round(top1, 2),
                           checkpoint=str(args.checkpoint), data=str(args.data))))
 

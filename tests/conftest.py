@@ -15,3 +15,27 @@ ALPHA = 1e-3
 def shared_data() -> Path:
     assert SHARED_DATA.is_dir(), f"shared test data not found at {SHARED_DATA}"
     return SHARED_DATA
+
+
+def make_image_folder(root: Path, classes: int = 2, train_per_class: int = 32, val_per_class: int = 16,
+                      size: int = 32, seed: int = 0) -> Path:
+    """A small ImageFolder (train/ and val/) of PNG images whose classes differ in colour and texture."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                base = np.zeros((size, size, 3), np.float32)
+                base[..., c % 3] = 160
+                noise = rng.normal(0, 40, (size, size, 3))
+                image = np.clip(base + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(image).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("tiny"))

@@ -84,7 +84,9 @@ def test_lars_state_dict_round_trip():
         for c, p in zip(clone, params):
             c.copy_(p)
     opt2 = LARS(lars_param_groups(clone, 1e-3))
+    held = [opt2.state[p]["momentum_buffer"] for p in clone]
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))  # as if read from a file
+    assert all(opt2.state[p]["momentum_buffer"] is buf for p, buf in zip(clone, held))
     for ps in (params, clone):
         for p in ps:
             p.grad = torch.full_like(p, 0.5)

@@ -73,6 +73,15 @@ class LARS(torch.optim.Optimizer):
             for p in group["params"]:
                 self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
+    def load_state_dict(self, state_dict):
+        """Copies into the existing momentum buffers: code holding them (a compiled update) stays valid."""
+        buffers = {p: self.state[p]["momentum_buffer"] for g in self.param_groups for p in g["params"]}
+        super().load_state_dict(state_dict)
+        with torch.no_grad():
+            for p, buf in buffers.items():
+                buf.copy_(self.state[p]["momentum_buffer"])
+                self.state[p]["momentum_buffer"] = buf
+
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:

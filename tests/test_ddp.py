@@ -1,0 +1,163 @@
+"""Multi-process training on the CPU: 2 gloo workers (DESIGN.md, Processes)."""
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from fastbyol.kernels.lars import LARS, lars_param_groups
+from fastbyol.model import BYOL
+from fastbyol.step import BYOLStep
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS, BATCH = 3, 8
+
+
+def bn_free_model():
+    """The BYOL module with every BatchNorm replaced by identity: per-sample computation, so a
+    2-rank step on half batches must equal one process on the whole batch."""
+    torch.manual_seed(0)
+    model = BYOL("cnn4", small=True, num_classes=3, proj_hidden=32, proj_dim=16)
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                setattr(parent, name, nn.Identity())
+    return model
+
+
+def global_batches():
+    gen = torch.Generator().manual_seed(7)
+    return [(torch.randn(BATCH, 3, 16, 16, generator=gen), torch.randn(BATCH, 3, 16, 16, generator=gen),
+             torch.randint(0, 3, (BATCH,), generator=gen)) for _ in range(STEPS)]
+
+
+def train_steps(model, net, rank=0, world=1):
+    opt = LARS(lars_param_groups(model.online_parameters(), 1e-3), weight_decay=1e-3)
+    step = BYOLStep(model, opt, net)
+    share = BATCH // world
+    for i, (v1, v2, y) in enumerate(global_batches()):
+        part = slice(rank * share, (rank + 1) * share)
+        step(v1[part], v2[part], y[part], lr=0.5, tau=0.9 + 0.03 * i)
+    return model.state_dict()
+
+
+def _worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch_dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = bn_free_model()
+    net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    state = train_steps(model, net, rank, world)
+    if rank == 0:
+        torch.save(state, out)
+    torch_dist.destroy_process_group()
+
+
+def test_two_gloo_workers_equal_one_process_on_the_concatenated_batch(tmp_path):
+    single = train_steps(bn_free_model(), None)
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_worker, args=(2, 29400 + os.getpid() % 500, out), nprocs=2, join=True)
+    ddp = torch.load(out)
+    changed = 0
+    for name, value in single.items():
+        torch.testing.assert_close(ddp[name], value, rtol=1e-5, atol=1e-6, msg=name)
+        changed += not torch.equal(value, bn_free_model().state_dict()[name])
+    assert changed > 0  # the steps really moved the weights
+
+
+def train_cli(args, **kwargs):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, **kwargs)
+
+
+COMMON = ["--arch", "cnn4", "--proj-hidden", "64", "--proj-dim", "32", "--batch-size", "16",
+          "--knn-samples", "32", "--knn-k", "5", "--workers", "0", "--log-every", "1"]
+
+
+def test_nproc_2_trains_one_epoch_and_resumes_on_one_rank(tiny_folder, tmp_path):
+    out = tmp_path / "run"
+    result = train_cli(["fastbyol.train", "--nproc", "2", "--data", str(tiny_folder), "--epochs", "2",
+                        "--stop-at-step", "4", "--out", str(out), *COMMON], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]  # rank 0 alone writes; 64 images / 16 = 4 steps
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["world_size"] == 2 and state["step"] == 4
+    resumed = train_cli(["fastbyol.train", "--resume", "--out", str(out), "--data", str(tiny_folder),
+                         *COMMON], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming a 2-rank run on 1 ranks" in resumed.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["world_size"] == 1
+
+
+def test_torchrun_forms_and_a_contradicting_nproc(tiny_folder, tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    base = ["-m", "fastbyol.train", "--", "--data", str(tiny_folder), "--epochs", "1",
+            "--stop-at-step", "1", *COMMON]
+    # torchrun with one worker asked for --nproc 2 re-launches itself as 2 workers
+    out = tmp_path / "relaunch"
+    result = subprocess.run([*torchrun, "--nproc-per-node", "1", *base, "--nproc", "2", "--out",
+                             str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["world_size"] == 2
+    # a --nproc that contradicts torchrun's 2 workers is an error naming it
+    result = subprocess.run([*torchrun, "--nproc-per-node", "2", *base, "--nproc", "3", "--out",
+                             str(tmp_path / "bad")], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode != 0
+    assert "--nproc 3 contradicts torchrun" in result.stderr
+
+
+def _worker_pids(launcher_pid):
+    """fastbyol.train worker processes started under the launcher, by LOCAL_RANK."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        env = dict(item.split(b"=", 1) for item in environ if b"=" in item)
+        if b"fastbyol.train" in cmdline and b"LOCAL_RANK" in env and int(entry.name) != launcher_pid:
+            found[int(env[b"LOCAL_RANK"])] = int(entry.name)
+    return found
+
+
+def test_a_killed_worker_ends_the_job_with_an_error(tiny_folder, tmp_path):
+    out = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "fastbyol.train", "--nproc", "2", "--data",
+                             str(tiny_folder), "--epochs", "500", "--out", str(out),
+                             "--dist-timeout", "30", *COMMON], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.time() < deadline, "training never started"
+            time.sleep(0.5)
+        workers = _worker_pids(proc.pid)
+        assert set(workers) == {0, 1}, workers
+        os.kill(workers[1], signal.SIGKILL)
+        killed_at = time.time()
+        _, stderr = proc.communicate(timeout=90)
+        assert proc.returncode != 0
+        assert time.time() - killed_at < 60
+        assert "failed" in stderr.lower()
+        assert _worker_pids(proc.pid) == {}  # no worker left behind
+    finally:
+        if proc.poll() is None:
+            proc.kill()
