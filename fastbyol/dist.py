@@ -74,8 +74,14 @@ def launch(nproc: int, module: str, argv: list[str]) -> int:
         torchrun.main(args)
     except SystemExit as exc:
         return int(exc.code or 0)
-    except Exception as exc:  # ChildFailedError: torchrun has already printed which rank failed and why
-        print(f"{module}: a worker failed, the job is stopped ({type(exc).__name__})", file=sys.stderr)
+    except Exception as exc:  # ChildFailedError: torchrun has printed the worker's traceback above
+        what = "a worker failed"
+        if hasattr(exc, "get_first_failure"):
+            rank, failure = exc.get_first_failure()
+            code = failure.exitcode
+            what = f"worker rank {rank} " + (f"was killed by signal {-code}" if code < 0
+                                             else f"exited with status {code}")
+        print(f"{module}: {what}; the other workers were stopped", file=sys.stderr)
         return 1
     return 0
 
