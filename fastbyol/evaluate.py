@@ -143,7 +143,7 @@ def knn_eval(encoder, root: Path, image_size: int, num_classes: int, device: tor
 def load_encoder(checkpoint: Path, which: str, device: torch.device):
     """The online (default) or target encoder of a training checkpoint, and the run's config."""
     from fastbyol import checkpoint as ckpt_io
-    from fastbyol.config import from_dict, is_small
+    from fastbyol.config import from_dict
     from fastbyol.model import BYOL
     state = ckpt_io.load(checkpoint)
     cfg = from_dict(state["config"])
@@ -153,6 +153,8 @@ def load_encoder(checkpoint: Path, which: str, device: torch.device):
 
 
 def main(argv=None) -> None:
+    """Under torchrun every rank extracts and scores its shard; rank 0 prints the result."""
+    from fastbyol import dist as dist_mod
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="fastbyol.evaluate")
     parser.add_argument("protocol", choices=("knn", "linear"))
@@ -165,22 +167,27 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=80, help="linear probe epochs")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dist-timeout", type=float, default=300.0)
     args = parser.parse_args(argv)
     try:
-        device = torch.device(args.device)
+        dist, device = dist_mod.init(torch.device(args.device), args.dist_timeout)
         encoder, cfg, num_classes = load_encoder(args.checkpoint, args.which, device)
         if args.protocol == "knn":
             top1 = knn_eval(encoder, args.data, cfg.image_size, num_classes, device, args.samples,
-                            args.k, args.temperature, args.workers)
+                            args.k, args.temperature, args.workers, dist)
         else:
             feats = [split_features(encoder, args.data, split, cfg.image_size, args.samples,
-                                    args.workers, device) for split in ("train", "val")]
-            top1 = linear_probe(*feats[0], *feats[1], num_classes, epochs=args.epochs)
+                                    args.workers, device, dist) for split in ("train", "val")]
+            top1 = linear_probe(*feats[0], *feats[1], num_classes, epochs=args.epochs, dist=dist)
     except InputError as exc:
         print(f"fastbyol.evaluate: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    print(json.dumps(dict(protocol=args.protocol, which=args.which, top1=round(top1, 2),
-                          checkpoint=str(args.checkpoint), data=str(args.data))))
+    finally:
+        dist_mod.shutdown()
+    if dist.is_main:
+        print(json.dumps(dict(protocol=args.protocol, which=args.which, top1=round(top1, 2),
+                              checkpoint=str(args.checkpoint), data=str(args.data),
+                              world_size=dist.world_size)))
 
 
 if __name__ == "__main__":
