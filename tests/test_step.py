@@ -57,3 +57,13 @@ def test_bf16_autocast_step_runs_and_keeps_fp32_master_weights():
     _, metrics = run(model, batches(n=2), precision="bf16")
     assert torch.isfinite(metrics).all()
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_fp16_step_scales_the_loss_and_skips_overflowing_steps():
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    step, metrics = run(model, batches(n=3), precision="fp16")
+    assert torch.isfinite(metrics).all()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert step.scaler.get_scale() <= 2.0 ** 16  # halved on overflow, never grown in 3 steps
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
