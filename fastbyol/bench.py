@@ -1,0 +1,280 @@
+"""`python -m fastbyol.bench <what>`: our path and a baseline side by side, in one run; a table on the
+console and a JSON file with the machine, the versions, the command and every number.
+
+    python -m fastbyol.bench convert [SOURCE ...] [--replicate N] [--max-side 512] [--workers N]
+                                     [--reencode-all] [--json PATH]
+
+Each subcommand is one `bench_<what>(args) -> dict` function plus an `add_<what>_args(parser)`,
+registered in SUBCOMMANDS. The function returns its numbers with a "rows" list (one dict per
+measured path, same keys): main() prints the rows as a table and saves the whole dict.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from fastbyol import InputError
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("FASTBYOL_SHARED_DATA", REPO.parent / "shared" / "data"))
+SEED_PHOTOS = SHARED_DATA / "oddjpegs" / "dali_extra" / "single" / "jpeg"  # 47 photos, 19 classes
+RESULTS = REPO / "benchmarks" / "results"
+
+
+# ---- What every result records ----------------------------------------------------------------------
+
+def machine_info() -> dict:
+    info = dict(platform=platform.platform(), logical_cpus=os.cpu_count(),
+                usable_cpus=len(os.sched_getaffinity(0)), load_average_1m=round(os.getloadavg()[0], 2))
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+                           if line.startswith("model name"))
+        meminfo = Path("/proc/meminfo").read_text().split()
+        info["memory_gib"] = round(int(meminfo[meminfo.index("MemTotal:") + 1]) / 2**20, 1)
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        import torch
+        info["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    except ImportError:
+        info["gpu"] = None
+    return info
+
+
+def versions() -> dict:
+    found = {"python": platform.python_version()}
+    # Distribution versions: ffcv.__version__ says 0.0.3rc1 in FFCV 1.0.2
+    for name in ("fastbyol", "torch", "torchvision", "numpy", "pillow", "ffcv", "numba", "opencv-python",
+                 "opencv-python-headless", "nvidia-dali-cuda130"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    try:
+        found["fastbyol_commit"] = subprocess.run(
+            ["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True,
+            timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return found
+
+
+def print_table(rows: list[dict]) -> None:
+    columns = list(rows[0])
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(columns, widths))))
+    for r in cells:
+        print("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))))
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
+    return "-" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
+
+
+# ---- convert: our converter vs FFCV's DatasetWriter over torchvision's ImageFolder ---------------
+
+def replicate_photos(count: int, destination: Path, seeds: Path = SEED_PHOTOS) -> Path:
+    """An ImageFolder `destination/train/<class>/` of `count` files: the seed photos copied round
+    robin, each copy a real file (so both converters read and decode every one)."""
+    photos = sorted(seeds.glob("*/*.jpg"))
+    if not photos:
+        raise InputError(f"{seeds}: no seed photos (*/*.jpg); set FASTBYOL_SHARED_DATA")
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        target = destination / "train" / photo.parent.name / f"{photo.stem}-{i // len(photos):05d}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(photo, target)
+    return destination
+
+
+def _source_folder(args, scratch: Path) -> tuple[Path, str]:
+    """The folder to convert and a description of it: --replicate N, a folder, or .tar.gz archives
+    extracted into scratch."""
+    if args.replicate:
+        folder = replicate_photos(args.replicate, scratch / "source")
+        return folder, f"{args.replicate} replicated photos from {SEED_PHOTOS}"
+    if not args.source:
+        raise InputError("give a SOURCE folder or .tar.gz archives, or --replicate N")
+    if len(args.source) == 1 and Path(args.source[0]).is_dir():
+        return Path(args.source[0]), args.source[0]
+    for archive in args.source:
+        if not tarfile.is_tarfile(archive):
+            raise InputError(f"{archive}: neither a folder nor a tar archive")
+        with tarfile.open(archive) as tar:
+            tar.extractall(scratch / "source", filter="data")
+    return scratch / "source", " + ".join(args.source)
+
+
+def _ffcv_writer_baseline(source: Path, out: Path, max_side: int, jpeg_quality: int, workers: int) -> dict:
+    """FFCV's plain recipe: DatasetWriter over torchvision's ImageFolder, RGBImageField in 'jpg'
+    mode (our output's format) with the same max side and quality. Returns the .beton sources."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+    from torchvision.datasets import ImageFolder
+    splits = [s for s in ("train", "val") if (source / s).is_dir()] or ["."]
+    out.mkdir(parents=True)
+    paths = {}
+    for split in splits:
+        dataset = ImageFolder(str(source / split))
+        name = "train" if split == "." else split
+        image = RGBImageField(write_mode="jpg", max_resolution=max_side, jpeg_quality=jpeg_quality)
+        fields = {"image": image, "label": IntField()}
+        DatasetWriter(str(out / f"{name}.beton"), fields, num_workers=workers).from_indexed_dataset(dataset)
+        paths[name] = [Path(p).relative_to(source).as_posix() for p, _ in dataset.samples]
+    return dict(files=sum(len(p) for p in paths.values()), paths=paths)
+
+
+def _our_converter(source: Path, out: Path, keep_original_jpegs: bool, **settings) -> dict:
+    from fastbyol.convert import convert
+    report = convert(source, "ffcv", out, keep_original_jpegs=keep_original_jpegs, **settings)
+    paths = {s: (out / f"{s}_paths.txt").read_text().splitlines() for s in report["splits"]}
+    return dict(files=sum(s["files"] for s in report["splits"].values()), paths=paths,
+                counts=report["counts"], stored=report["stored"], phases=report["seconds"])
+
+
+def _fidelity(source: Path, out: Path, paths: dict[str, list[str]], samples: int) -> float:
+    """Mean abs difference (uint8) between .beton images, decoded by FFCV's decoder, and the
+    reference decode (Pillow, upright, RGB, INTER_AREA to the stored size), over `samples` images
+    spread evenly through each split."""
+    import cv2
+    from PIL import Image, ImageOps
+
+    from fastbyol.pipelines.ffcv import open_beton, read_image
+    diffs = []
+    for split, split_paths in paths.items():
+        reader = open_beton(out / f"{split}.beton")
+        for index in np.linspace(0, len(split_paths) - 1, min(samples, len(split_paths))).astype(int):
+            stored = read_image(reader, index)
+            with Image.open(source / split_paths[index]) as img:
+                reference = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+            if reference.shape != stored.shape:
+                reference = cv2.resize(reference, stored.shape[1::-1], interpolation=cv2.INTER_AREA)
+            diffs.append(np.abs(reference.astype(np.int16) - stored).mean())
+    return float(np.mean(diffs))
+
+
+def _stored_bytes(out: Path) -> int:
+    """Bytes of sample data in the .beton files (their size on disk is rounded up to FFCV's pages)."""
+    from fastbyol.pipelines.ffcv import open_beton
+    return sum(int(open_beton(p).alloc_table["size"].sum()) for p in out.glob("*.beton"))
+
+
+def add_convert_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", nargs="*",
+                        help="an ImageFolder, or .tar.gz archives of one (extracted first)")
+    parser.add_argument("--replicate", type=int, metavar="N",
+                        help=f"convert N copies of the 47 photos in {SEED_PHOTOS} instead")
+    parser.add_argument("--max-side", type=int, default=512)
+    parser.add_argument("--jpeg-quality", type=int, default=90)
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--repeat", type=int, default=1, help="interleaved runs of each; the median counts")
+    parser.add_argument("--reencode-all", action="store_true",
+                        help="also time ours re-encoding every image, as RGBImageField does")
+    parser.add_argument("--fidelity-samples", type=int, default=300,
+                        help="images per split compared with the reference decode (0: skip)")
+    parser.add_argument("--scratch", help="where sources and outputs go (default: a temp folder, removed)")
+    parser.add_argument("--json", help="result file (default: benchmarks/results/convert-<name>.json)")
+    parser.add_argument("--name", help="result name (default: photos<N>, or the source's name)")
+
+
+def bench_convert(args) -> dict:
+    from fastbyol.convert import _import_ffcv
+    _import_ffcv()  # imported once, outside every timing (it compiles numba code: seconds)
+    scratch = Path(args.scratch or tempfile.mkdtemp(prefix="fastbyol-bench-"))
+    settings = dict(max_side=args.max_side, jpeg_quality=args.jpeg_quality, workers=args.workers)
+    contestants = {"ours": partial(_our_converter, keep_original_jpegs=True, **settings)}
+    if args.reencode_all:
+        contestants["ours, re-encode all"] = partial(_our_converter, keep_original_jpegs=False, **settings)
+    contestants["ffcv DatasetWriter"] = partial(_ffcv_writer_baseline, **settings)
+    results = {label: dict(seconds_each=[]) for label in contestants}
+    try:
+        source, description = _source_folder(args, scratch)
+        for _ in range(args.repeat):  # interleaved, so that a busy moment hits every contestant
+            for i, (label, run) in enumerate(contestants.items()):
+                out = scratch / f"out-{i}"
+                shutil.rmtree(out, ignore_errors=True)
+                t0 = time.perf_counter()
+                outcome = run(source, out)
+                results[label]["seconds_each"].append(time.perf_counter() - t0)
+                results[label].update(outcome, stored_bytes=_stored_bytes(out))
+        # After every conversion: the OpenCV calls here must not precede FFCV writer processes
+        # forked from this one (OpenCV's thread pool does not survive a fork)
+        for i, (label, result) in enumerate(results.items()):
+            paths = result.pop("paths")
+            if args.fidelity_samples:
+                result["fidelity_mad"] = _fidelity(source, scratch / f"out-{i}", paths, args.fidelity_samples)
+    finally:
+        if not args.scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    for r in results.values():
+        r["seconds"] = float(np.median(r["seconds_each"]))
+        r["files_per_s"] = r["files"] / r["seconds"]
+    reference = results["ffcv DatasetWriter"]["files_per_s"]
+    rows = [{"path": label, "files": r["files"], "seconds": r["seconds"], "files/s": r["files_per_s"],
+             "vs FFCV writer": r["files_per_s"] / reference, "JPEG MB": r["stored_bytes"] / 1e6,
+             "MAD vs ref": r.get("fidelity_mad")} for label, r in results.items()]
+    name = args.name or (f"photos{args.replicate}" if args.replicate
+                         else Path(args.source[0]).name.split(".")[0])
+    return dict(name=name, source=description, settings=settings, repeat=args.repeat, rows=rows,
+                results=results,
+                ratio_ours_vs_ffcv_writer=results["ours"]["files_per_s"] / reference, target_ratio=0.8,
+                baseline=("ffcv.writer.DatasetWriter over torchvision.datasets.ImageFolder (default PIL "
+                          "loader), RGBImageField(write_mode='jpg', max_resolution=max_side, "
+                          "jpeg_quality=jpeg_quality), IntField; same workers"),
+                seconds_are="median wall-clock seconds over `repeat` interleaved runs, FFCV import excluded",
+                fidelity=("MAD vs ref: mean abs difference (uint8) between .beton images decoded by FFCV's "
+                          "libjpeg-turbo call and Pillow's decode of the source (OpenCV INTER_AREA to the "
+                          "stored size)"))
+
+
+SUBCOMMANDS = {
+    "convert": (add_convert_args, bench_convert,
+                "our converter (validates every file) vs FFCV's DatasetWriter over ImageFolder"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fastbyol.bench", description=__doc__.split("\n")[0])
+    subparsers = parser.add_subparsers(dest="what", required=True)
+    for name, (add_args, run, help_text) in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text)
+        add_args(sub)
+        sub.set_defaults(run=run)
+    args = parser.parse_args(argv)
+    machine = machine_info()
+    try:
+        result = args.run(args)
+    except InputError as exc:
+        print(f"fastbyol.bench: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    command = " ".join(["python -m fastbyol.bench", *(sys.argv[1:] if argv is None else argv)])
+    result = dict(benchmark=args.what, command=command,
+                  date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), machine=machine, versions=versions(), **result)
+    result["machine"]["load_average_1m_after"] = round(os.getloadavg()[0], 2)
+    print()
+    print_table(result["rows"])
+    path = Path(args.json) if getattr(args, "json", None) else RESULTS / f"{args.what}-{result['name']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
