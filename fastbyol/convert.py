@@ -366,7 +366,8 @@ def encode_jpeg(img: Image.Image, quality: int) -> bytes:
 
 def downscale(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     """Downscale with Pillow's Hamming filter: of Pillow's filters, the closest to the OpenCV
-    INTER_AREA that FFCV's own writer uses (mean abs diff 0.66 on the 47 photos), at bilinear cost.
+    INTER_AREA that FFCV's own writer uses (mean abs diff 0.62 over the 47 photos at 512 px, where
+    bicubic gives 0.96 and box 1.97), at about bilinear cost.
     (Not OpenCV itself: its thread pool deadlocks in processes forked from a parent that used it.)"""
     return img.resize(size, Image.Resampling.HAMMING)
 
@@ -750,12 +751,13 @@ def summary(report: dict, max_listed: int = 8) -> str:
         lines.append(f"  .beton images: {kept:,} original JPEG bytes, {again:,} re-encoded "
                      f"(quality {settings['jpeg_quality']}, max side {settings['max_side']})")
     seconds = report["seconds"]
-    total_files = sum(s["files"] for s in report["splits"].values())
+    files_now = sum(s["files"] for s in report["splits"].values()) - report.get("resumed_files", 0)
     lines.append(f"  wrote {', '.join(report['outputs'])} and report.json (every file that is not ok) "
                  f"in {out}")
-    lines.append(f"  {seconds['total']:.1f} s: {total_files / max(seconds['total'], 1e-9):,.0f} files/s "
+    resumed = f", {report['resumed_files']:,} more from the checkpoint" if report.get("resumed_files") else ""
+    lines.append(f"  {seconds['total']:.1f} s: {files_now / max(seconds['total'], 1e-9):,.0f} files/s "
                  f"(validate {seconds['validate']:.1f} s, write {seconds['write']:.1f} s, "
-                 f"{report['settings']['workers']} workers)")
+                 f"{report['settings']['workers']} workers{resumed})")
     return "\n".join(lines)
 
 
@@ -896,6 +898,7 @@ def convert(source: str | os.PathLike, target: str, out: str | os.PathLike | Non
     seconds = dict(scan=t_scanned - t_start, validate=t_validated - t_scanned,
                    write=t_written - t_validated, total=t_written - t_start)
     report = build_report(settings, out, splits, records, outputs, seconds, workers)
+    report["resumed_files"] = len(all_files) - len(jobs)  # validated by an interrupted run
     (partial_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
 
     # Into place: the report last, so that its presence means "complete"
