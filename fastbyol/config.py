@@ -42,12 +42,16 @@ class Config:
     # optimisation (None: the official preset nearest to --epochs)
     epochs: float | None = field(default=None, metadata=dict(help="training length (default 300)"))
     batch_size: int = field(default=256, metadata=dict(help="GLOBAL batch, split over ranks"))
-    lr: float | None = field(default=None, metadata=dict(help="base lr, scaled by batch/256"))
-    weight_decay: float | None = None
-    tau_base: float | None = None
-    momentum: float = 0.9
-    trust_coef: float = 1e-3
-    warmup_epochs: float = 10.0
+    lr: float | None = field(default=None, metadata=dict(help="base lr, scaled by batch/256 (default: "
+                             "the official preset nearest --epochs)"))
+    weight_decay: float | None = field(default=None, metadata=dict(help="LARS weight decay, not on "
+                                       "biases and norm parameters (default: the preset)"))
+    tau_base: float | None = field(default=None, metadata=dict(help="target EMA decay at step 0, "
+                                   "cosine to 1 (default: the preset)"))
+    momentum: float = field(default=0.9, metadata=dict(help="LARS momentum"))
+    trust_coef: float = field(default=1e-3, metadata=dict(help="LARS trust coefficient eta"))
+    warmup_epochs: float = field(default=10.0, metadata=dict(help="linear lr warm-up (small images: "
+                                 "at most 10%% of the steps)"))
     # the step
     precision: str | None = field(default=None, metadata=dict(help="bf16|fp16|fp32 (default: bf16 "
                                   "autocast on GPUs, fp32 on the CPU)"))
@@ -65,7 +69,7 @@ class Config:
     # run
     out: str = field(default="runs/byol", metadata=dict(help="run folder: config, metrics, checkpoints"))
     resume: bool = field(default=False, metadata=dict(help="continue from OUT/checkpoint.pt"))
-    seed: int = 0
+    seed: int = field(default=0, metadata=dict(help="model init, data order and augmentations"))
     device: str = field(default="auto", metadata=dict(help="auto|cpu|cuda"))
     log_every: int = field(default=20, metadata=dict(help="steps between metric lines (and NaN checks)"))
     ckpt_every: int = field(default=200, metadata=dict(help="steps between checkpoints"))
@@ -74,8 +78,8 @@ class Config:
     # monitoring
     knn_every: float = field(default=0, metadata=dict(help="epochs between k-NN evaluations (0: at "
                              "the end only)"))
-    knn_k: int = 200
-    knn_temperature: float = 0.1
+    knn_k: int = field(default=200, metadata=dict(help="k-NN neighbours"))
+    knn_temperature: float = field(default=0.1, metadata=dict(help="k-NN vote weight exp(sim / T)"))
     knn_samples: int = field(default=10000, metadata=dict(help="train images in the k-NN bank and "
                              "val images scored (0 = all)"))
 
@@ -105,12 +109,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(prog: str, extra: typing.Callable[[argparse.ArgumentParser], None] | None = None):
-    parser = _Parser(prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                     argument_default=argparse.SUPPRESS)
+    # SUPPRESS: only the flags actually given reach the namespace, so resolve() knows what was asked.
+    parser = _Parser(prog=prog, argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Config):
         tp = _field_types()[f.name]
         flag = "--" + f.name.replace("_", "-")
-        helptext = f.metadata.get("help", " ")
+        helptext = f.metadata.get("help", "")
+        if f.default is not None and f.default is not dataclasses.MISSING:
+            helptext += f" (default: {f.default})"
         if tp is bool:
             parser.add_argument(flag, nargs="?", const=True, type=_parse_bool, help=helptext)
         else:
