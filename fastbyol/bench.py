@@ -6,7 +6,8 @@ console and a JSON file with the machine, the versions, the command and every nu
 
 Each subcommand is one `bench_<what>(args) -> dict` function plus an `add_<what>_args(parser)`,
 registered in SUBCOMMANDS. The function returns its numbers with a "rows" list (one dict per
-measured path, same keys): main() prints the rows as a table and saves the whole dict.
+measured path, same keys) and a "name": main() prints the rows as a table and saves the whole dict,
+with the machine, the versions and the command, to --json or benchmarks/results/<what>-<name>.json.
 """
 from __future__ import annotations
 
@@ -251,7 +252,8 @@ SUBCOMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fastbyol.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fastbyol.bench",
+                                     description="Our path and a baseline side by side: a table and a JSON file.")
     subparsers = parser.add_subparsers(dest="what", required=True)
     for name, (add_args, run, help_text) in SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text)
@@ -270,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     result["machine"]["load_average_1m_after"] = round(os.getloadavg()[0], 2)
     print()
     print_table(result["rows"])
-    path = Path(args.json) if getattr(args, "json", None) else RESULTS / f"{args.what}-{result['name']}.json"
+    name = result.get("name", time.strftime("%Y%m%d-%H%M%S"))
+    path = Path(args.json) if getattr(args, "json", None) else RESULTS / f"{args.what}-{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
