@@ -1,24 +1,28 @@
 """The photometric reference applies torchvision's uint8 ops in the recipe's order, each sample with
-its own params; normalize produces the Views contract's layout and values."""
+its own params; the batched twin is bit-identical to it; normalize produces the Views contract's
+layout and values."""
+import itertools
+
 import pytest
 import torch
 import torchvision.transforms.v2.functional as F
 
-from fastbyol.kernels.augment import normalize, photometric_reference, photometric_reference_batch
+from fastbyol.kernels.augment import (normalize, photometric_batched, photometric_reference,
+                                      photometric_reference_batch)
 from fastbyol.pipelines.views import (IMAGENET_MEAN, IMAGENET_STD, JITTER_OPS, ViewParams, ViewSpec,
-                                      sample_view_params)
+                                      byol_view_specs, sample_view_params)
 
 SPEC = ViewSpec(size=64)  # blur kernel 7
 SIZE = 64
 
 
-def image(seed: int) -> torch.Tensor:
-    """A uint8 (3, 64, 64) image with smooth colour gradients and noise, so every op changes it."""
+def image(seed: int, size: int = SIZE) -> torch.Tensor:
+    """A uint8 (3, size, size) image with smooth colour gradients and noise, so every op changes it."""
     gen = torch.Generator().manual_seed(seed)
-    ramp = torch.linspace(0, 1, SIZE)
-    base = torch.stack([ramp[None, :].expand(SIZE, SIZE), ramp[:, None].expand(SIZE, SIZE),
+    ramp = torch.linspace(0, 1, size)
+    base = torch.stack([ramp[None, :].expand(size, size), ramp[:, None].expand(size, size),
                         1 - ramp[None, :] * ramp[:, None]])
-    noisy = base * 200 + 30 + 25 * torch.randn(3, SIZE, SIZE, generator=gen)
+    noisy = base * 200 + 30 + 25 * torch.randn(3, size, size, generator=gen)
     return noisy.clamp(0, 255).round().to(torch.uint8)
 
 
@@ -111,8 +115,7 @@ def stack_rows(rows: list[ViewParams]) -> ViewParams:
 def test_samples_keep_their_own_params():
     n = 6
     spec = ViewSpec(size=SIZE, blur_p=0.5, solarize_p=0.5, gray_p=0.5)
-    params = sample_view_params(torch.Generator().manual_seed(4), spec, torch.full((n,), SIZE),
-                                torch.full((n,), SIZE))
+    params = sample_view_params(4, 0, range(n), 0, spec, [SIZE] * n, [SIZE] * n)
     images = torch.stack([image(10 + i) for i in range(n)])
     batch = photometric_reference_batch(images, params, spec)
     for i in range(n):
@@ -124,6 +127,93 @@ def test_samples_keep_their_own_params():
     changed = photometric_reference_batch(images, stack_rows(rows), spec)
     assert not torch.equal(changed[j], batch[j])
     assert all(torch.equal(changed[i], batch[i]) for i in range(n) if i != j)
+
+
+# ---- The batched twin ----------------------------------------------------------------------------
+
+PERMUTATIONS = list(itertools.permutations(range(4)))
+
+
+def mixed_images(n: int, size: int, seed: int) -> torch.Tensor:
+    """n uint8 images of three kinds, in turn: gradients with noise; gray ones (R = G = B, where hue
+    and saturation are degenerate); strong noise, clipped at 0 and 255 in places."""
+    gen = torch.Generator().manual_seed(seed)
+    images = []
+    for i in range(n):
+        smooth = image(seed * 1000 + i, size)
+        if i % 3 == 0:
+            images.append(smooth)
+        elif i % 3 == 1:
+            images.append(smooth[1:2].expand(3, -1, -1))
+        else:
+            noise = 60 * torch.randn(3, size, size, generator=gen) + 128
+            images.append(noise.round().clamp(0, 255).to(torch.uint8))
+    return torch.stack(images)
+
+
+def jitter_params(n: int, seed: int) -> ViewParams:
+    """Every order of the four ops, n / 24 times; factors over the ops' whole domains, and in every
+    fourth sample short binary fractions, whose products land exactly on integers: there, a rounding
+    that is not torchvision's changes the uint8 result. Gray and solarize at random."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.tensor(PERMUTATIONS * (n // len(PERMUTATIONS)))
+    low, high = torch.tensor([0.0, 0.0, 0.0, -0.5]), torch.tensor([2.0, 2.0, 2.0, 0.5])
+    factors = low + (high - low) * torch.rand(n, 4, generator=gen)
+    factors[::4] = torch.tensor([1.25, 0.625, 1.375, 0.0625])
+    factors[::8, 3] = -0.0625
+
+    def chance(p: float) -> torch.Tensor:
+        return torch.rand(n, generator=gen) < p
+
+    return ViewParams(crop=torch.zeros(n, 4, dtype=torch.int64), flip=torch.zeros(n, dtype=torch.bool),
+                      jitter=chance(0.9), factors=factors, order=order, gray=chance(0.3),
+                      blur=torch.zeros(n, dtype=torch.bool), sigma=torch.ones(n), solarize=chance(0.5))
+
+
+def assert_equal_per_sample(batched: torch.Tensor, reference: torch.Tensor) -> None:
+    assert batched.dtype == torch.uint8 and batched.shape == reference.shape
+    differ = (batched != reference).flatten(1).any(dim=1)
+    assert not differ.any(), f"samples {differ.nonzero().flatten().tolist()} differ"
+
+
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])  # on a GPU, against the CPU reference
+@pytest.mark.parametrize("size", [32, 37])  # 37: rows that do not fill a SIMD vector
+def test_batched_jitter_gray_solarize_equal_the_reference(size, device):
+    n = 10 * len(PERMUTATIONS)
+    images, params = mixed_images(n, size, seed=size), jitter_params(n, seed=size)
+    on_device = images.to(device)
+    out = photometric_batched(on_device, params, SPEC)  # params stay on the CPU, as loaders pass them
+    assert torch.equal(on_device.cpu(), images), "the input is left alone"
+    assert_equal_per_sample(out.cpu(), photometric_reference_batch(images, params, SPEC))
+
+
+@pytest.mark.parametrize("spec, size", [(SPEC, 40), (ViewSpec(size=224), 40)])  # kernels 7 and 23
+def test_batched_blur_equals_the_reference(spec, size):
+    n = 24
+    images = mixed_images(n, size, seed=spec.blur_kernel)
+    sigma = torch.linspace(*spec.blur_sigma, n)
+    params = jitter_params(n, seed=3)._replace(jitter=torch.zeros(n, dtype=torch.bool),
+                                               gray=torch.arange(n) % 4 == 0,
+                                               blur=torch.arange(n) % 3 != 0, sigma=sigma,
+                                               solarize=torch.arange(n) % 2 == 0)
+    out = photometric_batched(images, params, spec)
+    assert_equal_per_sample(out, photometric_reference_batch(images, params, spec))
+    unblurred = photometric_batched(images, params._replace(blur=torch.zeros(n, dtype=torch.bool)), spec)
+    changed = (out != unblurred).flatten(1).any(dim=1)
+    assert not changed[~params.blur].any() and changed[params.blur & (sigma > 0.5)].all()
+
+
+@pytest.mark.parametrize("view", [0, 1])
+def test_batched_equals_the_reference_under_the_byol_specs(view):
+    spec = byol_view_specs(SIZE)[view]
+    n = 48
+    params = sample_view_params(5, 0, range(n), view, spec, [SIZE] * n, [SIZE] * n)
+    images = mixed_images(n, SIZE, seed=20 + view)
+    assert_equal_per_sample(photometric_batched(images, params, spec),
+                            photometric_reference_batch(images, params, spec))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

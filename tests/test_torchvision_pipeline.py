@@ -11,9 +11,9 @@ from PIL import Image
 
 import fastbyol.pipelines.torchvision as tvp
 from fastbyol import InputError
-from fastbyol.kernels.augment import normalize
+from fastbyol.kernels.augment import normalize, photometric_reference
 from fastbyol.pipelines.torchvision import EvalLoader, TorchvisionLoader, decode_image, native_size
-from fastbyol.pipelines.views import epoch_batches, sample_generator, sample_view_params
+from fastbyol.pipelines.views import epoch_batches, sample_view_params
 
 ORIENTATION = "oddjpegs/dali_extra/imgcodec/jpeg/orientation"
 REFTEST = "oddjpegs/jpeg_decoder/reftest/images"
@@ -73,6 +73,20 @@ def small_loader(root, **options) -> TorchvisionLoader:
 
 def epoch_list(loader, epoch, start_batch=0):
     return list(loader.epoch(epoch, start_batch))
+
+
+def reference_views(loader, epoch, index) -> list[torch.Tensor]:
+    """Both views of dataset sample `index` in `epoch`, from its keyed params and torchvision's ops
+    on its own decode, normalized."""
+    img = decode_image(loader.samples[index][0])
+    views = []
+    for view, spec in enumerate(loader.specs):
+        params = sample_view_params(loader.seed, epoch, [index], view, spec, [img.shape[1]],
+                                    [img.shape[2]]).row(0)
+        cropped = tvp.crop_and_flip(img, params.crop.tolist(), bool(params.flip), spec.size)
+        uint8 = photometric_reference(cropped, params, spec)
+        views.append(normalize(uint8[None], torch.float32)[0])
+    return views
 
 
 def assert_same_batches(a, b):
@@ -178,15 +192,24 @@ def test_views_contract_and_keyed_views(folder, image_size, small):
         assert views.labels.dtype == torch.int64 and views.index.dtype == torch.int64
         assert views.labels.tolist() == [loader.samples[i][1] for i in views.index.tolist()]
         assert not torch.equal(views.v1, views.v2)
-    # Each view is the reference view of its image under params keyed by (seed, epoch, index, view).
+    # Each view is torchvision's view of its image under params keyed by (seed, epoch, index, view).
     views = batches[0]
-    index = views.index[0].item()
-    img = decode_image(loader.samples[index][0])
-    for view, (spec, out) in enumerate(zip(loader.specs, (views.v1, views.v2))):
-        params = sample_view_params(sample_generator(5, 3, index, view), spec,
-                                    torch.tensor([img.shape[1]]), torch.tensor([img.shape[2]]))
-        expected = normalize(tvp.reference_view(img, params.row(0), spec)[None], torch.float32)
-        assert torch.equal(out[:1], expected)
+    for i, index in enumerate(views.index.tolist()):
+        v1, v2 = reference_views(loader, 3, index)
+        assert torch.equal(views.v1[i], v1) and torch.equal(views.v2[i], v2), index
+
+
+@pytest.mark.parametrize("image_size, small", [(32, True), (64, False)])  # 64: blur on, 7 x 7
+def test_batched_and_reference_photometric_give_the_same_views(folder, image_size, small):
+    batched = epoch_list(small_loader(folder, image_size=image_size, small=small), 2)
+    reference = epoch_list(small_loader(folder, image_size=image_size, small=small,
+                                        photometric="reference"), 2)
+    assert_same_batches(batched, reference)
+
+
+def test_unknown_photometric_mode_is_an_error(folder):
+    with pytest.raises(ValueError, match="photometric='fused'"):
+        small_loader(folder, photometric="fused")
 
 
 def test_each_sample_once_per_epoch_across_two_ranks(folder):
@@ -250,6 +273,11 @@ def test_bad_files_are_substituted_counted_and_logged(odd_folder, caplog):
         batches = epoch_list(loader, 0)
     assert [len(v.index) for v in batches] == [4, 4, 4]
     assert set(sum((v.index.tolist() for v in batches), [])) <= good
+    # A stand-in's views are exactly those its own index yields.
+    for views in batches:
+        for i, index in enumerate(views.index.tolist()):
+            v1, v2 = reference_views(loader, 0, index)
+            assert torch.equal(views.v1[i], v1) and torch.equal(views.v2[i], v2), index
     assert set(loader.bad_files) == bad_paths(odd_folder)
     messages = [record.getMessage() for record in caplog.records]
     for path in bad_paths(odd_folder):
@@ -264,9 +292,10 @@ def test_bad_files_are_substituted_counted_and_logged(odd_folder, caplog):
     assert loader.bad_files == {path: 2 * count for path, count in first_counts.items()}
 
 
-def test_two_workers_match_one_process(odd_folder):
-    in_process = small_loader(odd_folder, workers=0)
-    with_workers = small_loader(odd_folder, workers=2)
+@pytest.mark.parametrize("photometric", ["batched", "reference"])
+def test_two_workers_match_one_process(odd_folder, photometric):
+    in_process = small_loader(odd_folder, workers=0, photometric=photometric)
+    with_workers = small_loader(odd_folder, workers=2, photometric=photometric)
     assert_same_batches(epoch_list(in_process, 2), epoch_list(with_workers, 2))
     assert with_workers.bad_files == in_process.bad_files and len(with_workers.bad_files) == 3
 

@@ -1,15 +1,16 @@
 """The per-sample view parameters follow torchvision's samplers (statistically, with fixed seeds), and
-keyed generators are reproducible per key and independent across keys."""
+the keyed draws behind them are numpy's Philox, reproducible per key and independent across keys."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torchvision.transforms as T
 from scipy import stats
 
 from conftest import ALPHA
-from fastbyol.pipelines.views import (ViewSpec, byol_view_specs, sample_crops, sample_generator,
-                                      sample_view_params)
+from fastbyol.pipelines.views import (VIEW_DRAWS, ViewSpec, byol_view_specs, philox4x64,
+                                      sample_view_params, view_uniforms)
 
 DRAWS = 20_000
 CROP_SHAPES = [(224, 224), (375, 500), (10, 40)]  # (10, 40): about 1 in 10 samples falls back
@@ -24,7 +25,8 @@ HYPOTHESES = {
     "test_jitter_factors_uniform": (4, 1),
     "test_blur_sigma_uniform": (1, 1),
     "test_jitter_order_uniform": (1, 1),
-    "test_keyed_streams_uniform_across_keys": (2, 1),
+    "test_keyed_streams_uniform_across_keys": (3, 1),
+    "test_draws_within_a_sample_are_uncorrelated": (1, 1),
 }
 M = sum(per_call * calls for per_call, calls in HYPOTHESES.values())
 LEVEL = ALPHA / M
@@ -51,6 +53,11 @@ def full(n: int, value: int) -> torch.Tensor:
     return torch.full((n,), value, dtype=torch.int64)
 
 
+def draw(spec: ViewSpec, seed: int, height: int = 224, width: int = 224, n: int = DRAWS):
+    """The real sampler over samples 0..n-1 of one epoch: n independent draws."""
+    return sample_view_params(seed, 0, torch.arange(n), 0, spec, full(n, height), full(n, width))
+
+
 def torchvision_crops(height: int, width: int, n: int) -> torch.Tensor:
     image = torch.empty(1, height, width)
     with torch.random.fork_rng():
@@ -67,8 +74,7 @@ def crop_statistics(crops: torch.Tensor, height: int, width: int) -> dict[str, t
 
 @pytest.mark.parametrize("height, width", CROP_SHAPES)
 def test_crops_match_torchvision(height, width, significance):
-    ours = sample_crops(torch.Generator().manual_seed(1), full(DRAWS, height), full(DRAWS, width),
-                        SPEC.scale, SPEC.ratio)
+    ours = draw(SPEC, seed=1, height=height, width=width).crop
     theirs = torchvision_crops(height, width, DRAWS)
     top, left, h, w = ours.unbind(1)
     assert ((h >= 1) & (w >= 1) & (top >= 0) & (left >= 0)).all()
@@ -83,8 +89,7 @@ def test_crops_match_torchvision(height, width, significance):
 def test_crop_fallback_is_torchvision_exactly(height, width):
     # No attempt can fit, so torchvision's answer is deterministic: ratio clamped, centred.
     expected = torchvision_crops(height, width, 1)[0]
-    ours = sample_crops(torch.Generator().manual_seed(2), full(100, height), full(100, width),
-                        SPEC.scale, SPEC.ratio)
+    ours = draw(SPEC, seed=2, height=height, width=width, n=100).crop
     assert (ours == expected).all(), (ours[0], expected)
 
 
@@ -92,13 +97,9 @@ def test_crops_of_mixed_sizes_stay_inside_each_image():
     gen = torch.Generator().manual_seed(3)
     heights = torch.randint(1, 600, (DRAWS,), generator=gen)
     widths = torch.randint(1, 600, (DRAWS,), generator=gen)
-    top, left, h, w = sample_crops(gen, heights, widths, SPEC.scale, SPEC.ratio).unbind(1)
+    top, left, h, w = sample_view_params(3, 0, torch.arange(DRAWS), 0, SPEC, heights, widths).crop.unbind(1)
     assert ((h >= 1) & (w >= 1) & (top >= 0) & (left >= 0)).all()
     assert ((top + h <= heights) & (left + w <= widths)).all()
-
-
-def draw(spec: ViewSpec, seed: int, n: int = DRAWS):
-    return sample_view_params(torch.Generator().manual_seed(seed), spec, full(n, 224), full(n, 224))
 
 
 def test_bernoulli_rates(significance):
@@ -116,7 +117,7 @@ def test_bernoulli_rates(significance):
 def test_small_specs_turn_blur_off_and_keep_solarize():
     first, second = byol_view_specs(32, small=True)
     assert not draw(first, seed=20, n=1000).blur.any() and not draw(second, seed=21, n=1000).blur.any()
-    assert draw(second, seed=22, n=1000).solarize.any()
+    assert draw(second, seed=22, n=1000).solarize.any() and not draw(first, seed=23, n=1000).solarize.any()
 
 
 def test_jitter_factors_uniform(significance):
@@ -144,23 +145,60 @@ def test_jitter_order_uniform(significance):
     significance(stats.chisquare(counts).pvalue, "order over 24 permutations")
 
 
+def test_philox_is_numpys_philox():
+    rng = np.random.default_rng(60)
+    for _ in range(20):
+        key = rng.integers(0, 2**64, 2, dtype=np.uint64)
+        counter = rng.integers(0, 2**64, 4, dtype=np.uint64)
+        counter[0] |= 1  # numpy steps its counter (+1 on word 0) before each block; no borrow here
+        before = counter - np.array([1, 0, 0, 0], dtype=np.uint64)
+        expected = np.random.Philox(key=key, counter=before).random_raw(4)
+        assert np.array_equal(philox4x64(counter[None], key)[0], expected)
+
+
+def test_uniforms_are_in_the_unit_interval_on_the_53_bit_grid():
+    u = view_uniforms(70, 1, np.arange(1000), 0)
+    assert u.shape == (1000, VIEW_DRAWS) and u.dtype == np.float64
+    assert (u >= 0).all() and (u < 1).all()
+    assert (u * 2.0**53 == np.floor(u * 2.0**53)).all()
+    assert len(np.unique(u)) == u.size  # 36000 draws from 2**53 values: no repeats expected
+
+
 def test_same_key_same_params_and_distinct_keys_differ():
     def params(seed, epoch, index, view):
-        return sample_view_params(sample_generator(seed, epoch, index, view), SPEC, full(4, 300),
-                                  full(4, 400))
+        return sample_view_params(seed, epoch, [index], view, SPEC, [300], [400])
 
     reference = params(7, 3, 11, 0)
     assert all(torch.equal(a, b) for a, b in zip(reference, params(7, 3, 11, 0)))
     # Each key part matters, including bits above 32 (torch's own manual_seed drops those).
     for key in [(8, 3, 11, 0), (7, 4, 11, 0), (7, 3, 12, 0), (7, 3, 11, 1), (7 + 2**32, 3, 11, 0),
-                (7, 3, 11 + 2**32, 0)]:
+                (7, 3, 11 + 2**32, 0), (7, 3 + 2**32, 11, 0), (7, 3, 11 + 2**63, 0)]:
         assert not torch.equal(reference.factors, params(*key).factors), key
 
 
+def test_a_sample_draws_the_same_params_in_any_batch():
+    # What makes every loader, worker count and resumed run see the same views.
+    heights, widths = torch.tensor([50, 300, 20]), torch.tensor([60, 200, 90])
+    batch = sample_view_params(9, 2, [40, 3, 17], 1, SPEC, heights, widths)
+    for i, index in enumerate([40, 3, 17]):
+        alone = sample_view_params(9, 2, [index], 1, SPEC, heights[i:i + 1], widths[i:i + 1]).row(0)
+        assert all(torch.equal(a, b) for a, b in zip(batch.row(i), alone)), index
+
+
 def test_keyed_streams_uniform_across_keys(significance):
-    # Well-mixed seeds: the first draw over consecutive indices is U(0, 1), and uncorrelated
-    # between neighbouring keys.
-    first = torch.tensor([torch.rand(1, generator=sample_generator(0, 0, index, 0)).item()
-                          for index in range(5000)])
+    # Well-mixed keys: a draw over consecutive indices is U(0, 1), and uncorrelated between
+    # neighbouring keys; likewise between the two views of one sample.
+    first = view_uniforms(0, 0, np.arange(DRAWS), 0)[:, 0]
     significance(stats.kstest(first, "uniform").pvalue, "first draw across keys")
     significance(stats.pearsonr(first[:-1], first[1:]).pvalue, "neighbouring keys correlation")
+    other_view = view_uniforms(0, 0, np.arange(DRAWS), 1)[:, 0]
+    significance(stats.pearsonr(first, other_view).pvalue, "correlation between views")
+
+
+def test_draws_within_a_sample_are_uncorrelated(significance):
+    # Columns are consecutive words of a block and consecutive blocks: none may echo another.
+    u = view_uniforms(1, 0, np.arange(DRAWS), 0)
+    correlation = np.corrcoef(u, rowvar=False)[np.triu_indices(VIEW_DRAWS, k=1)]
+    # Under independence each coefficient is ~N(0, 1/n); take the largest of the 630.
+    z = np.abs(correlation).max() * math.sqrt(DRAWS)
+    significance(min(1.0, len(correlation) * 2 * stats.norm.sf(z)), "largest pairwise correlation")

@@ -1,16 +1,18 @@
 """The reference loader: PIL decode with EXIF orientation, torchvision ops on uint8 tensors, a torch
-DataLoader. Slow and obviously right: the baseline that faster pipelines are measured and tested against.
+DataLoader. Obviously right: the baseline that faster pipelines are measured and tested against.
 
-Workers return uint8 views; normalisation happens in the main process, on the device (`normalize`).
+Workers decode each image once, draw both views' params for their whole batch and crop each view.
+The colour stage is photometric_batched (the default) or, as the baseline, photometric_reference per
+sample; see TorchvisionLoader for where each runs. Normalisation happens in the main process, on the
+device (`normalize`).
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +23,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 
 from fastbyol import InputError
-from fastbyol.kernels.augment import normalize, photometric_reference
+from fastbyol.kernels.augment import normalize, photometric_batched, photometric_reference_batch
 from fastbyol.pipelines.views import (ViewParams, ViewSpec, Views, byol_view_specs, epoch_batches,
-                                      fixed_subset, sample_generator, sample_view_params)
+                                      fixed_subset, sample_view_params)
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +115,10 @@ def decode_image(path: str) -> torch.Tensor:
     silently padded with gray)."""
     with Image.open(path) as img:
         img.load()
-        rgb = _to_rgb(ImageOps.exif_transpose(img))
-    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
+        ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of the (usual) upright image
+        rgb = _to_rgb(img)
+    # asarray views PIL's pixels read-only; the transposed copy is the tensor's own CHW memory.
+    return torch.from_numpy(np.asarray(rgb).transpose(2, 0, 1).copy())
 
 
 BadFile = tuple[str, str]  # (path, reason)
@@ -138,65 +142,77 @@ def decode_or_substitute(samples: list[tuple[str, int]], index: int
                      f"(first error: {bad[0][1]})")
 
 
+def decode_batch(samples: list[tuple[str, int]], indices: list[int]
+                 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, list[BadFile]]:
+    """decode_or_substitute for each index: (images, labels, indices actually decoded, bad files)."""
+    images, labels, used, bad = zip(*(decode_or_substitute(samples, index) for index in indices))
+    return (list(images), torch.tensor(labels, dtype=torch.int64), torch.tensor(used, dtype=torch.int64),
+            [file for files in bad for file in files])
+
+
 # ---- Views --------------------------------------------------------------------------------------
 
-def reference_view(img: torch.Tensor, params: ViewParams, spec: ViewSpec) -> torch.Tensor:
-    """One BYOL view of a uint8 (3, H, W) image from one sample's params: crop + bicubic resize,
-    flip, then the photometric stage. Returns uint8 (3, spec.size, spec.size)."""
-    top, left, height, width = params.crop.tolist()
-    view = F.resized_crop(img, top, left, height, width, size=[spec.size, spec.size],
-                          interpolation=InterpolationMode.BICUBIC, antialias=True)
-    if params.flip:
-        view = F.horizontal_flip(view)
-    return photometric_reference(view, params, spec)
+def crop_and_flip(img: torch.Tensor, box: list[int], flip: bool, size: int) -> torch.Tensor:
+    """The geometry of one BYOL view of a uint8 (3, H, W) image: crop `box` (top, left, height,
+    width: a ViewParams.crop row), bicubic antialiased resize to size x size, optional horizontal
+    flip. Returns uint8 (3, size, size)."""
+    view = F.resized_crop(img, *box, size=[size, size], interpolation=InterpolationMode.BICUBIC,
+                          antialias=True)
+    return F.horizontal_flip(view) if flip else view
 
 
-class _TrainViews(Dataset):
-    """Item i of one epoch: both views of one decoded image, with params keyed by
-    (seed, epoch, index, view). A substituted sample is exactly what its stand-in index yields."""
+# TorchvisionLoader's photometric modes: the colour stage each applies to a uint8 batch of views.
+PHOTOMETRIC = {"batched": photometric_batched, "reference": photometric_reference_batch}
+
+
+class _TrainBatches(Dataset):
+    """Item `indices`: one batch of both views. Each image is decoded once and cropped twice, with
+    params keyed by (seed, epoch, index, view) and drawn for the whole batch at once; a substituted
+    sample is exactly what its stand-in index yields. `colour`, when given, is the photometric stage
+    run here, in the worker; otherwise the views leave geometric-only, with their params."""
 
     def __init__(self, samples: list[tuple[str, int]], specs: tuple[ViewSpec, ViewSpec], seed: int,
-                 epoch: int):
+                 epoch: int, colour: Callable[[torch.Tensor, ViewParams, ViewSpec], torch.Tensor] | None):
         self.samples, self.specs, self.seed, self.epoch = samples, specs, seed, epoch
+        self.colour = colour
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        img, label, used, bad = decode_or_substitute(self.samples, index)
-        height, width = (torch.tensor([side]) for side in img.shape[-2:])
-        views = []
+    def __getitem__(self, indices: list[int]):
+        images, labels, used, bad = decode_batch(self.samples, indices)
+        heights, widths = torch.tensor([img.shape[-2:] for img in images]).unbind(1)
+        views, params = [], []
         for view, spec in enumerate(self.specs):
-            gen = sample_generator(self.seed, self.epoch, used, view)
-            views.append(reference_view(img, sample_view_params(gen, spec, height, width).row(0), spec))
-        return views, label, used, bad
+            view_params = sample_view_params(self.seed, self.epoch, used, view, spec, heights, widths)
+            # Plain lists: per-sample tensor indexing would cost as much as the draws.
+            crops = torch.stack([crop_and_flip(img, box, flip, spec.size) for img, box, flip in
+                                 zip(images, view_params.crop.tolist(), view_params.flip.tolist())])
+            views.append(crops if self.colour is None else self.colour(crops, view_params, spec))
+            params.append(view_params)
+        return views, params, labels, used, bad
 
 
-class _EvalImages(Dataset):
-    """Item i: the deterministic evaluation crop of one image."""
+class _EvalBatches(Dataset):
+    """Item `indices`: the deterministic evaluation crops of one batch of images."""
 
     def __init__(self, samples: list[tuple[str, int]], image_size: int, small: bool):
         self.samples, self.image_size, self.small = samples, image_size, small
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        img, label, used, bad = decode_or_substitute(self.samples, index)
+    def _crop(self, img: torch.Tensor) -> torch.Tensor:
         size = self.image_size
         if self.small:
-            img = F.resize(img, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True)
-        else:  # the standard ImageNet evaluation crop: shorter side to 256/224 of the size, centre
-            img = F.resize(img, round(size * 256 / 224), interpolation=InterpolationMode.BICUBIC,
-                           antialias=True)
-            img = F.center_crop(img, [size, size])
-        return [img], label, used, bad
+            return F.resize(img, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True)
+        # the standard ImageNet evaluation crop: shorter side to 256/224 of the size, centre
+        img = F.resize(img, round(size * 256 / 224), interpolation=InterpolationMode.BICUBIC,
+                       antialias=True)
+        return F.center_crop(img, [size, size])
+
+    def __getitem__(self, indices: list[int]):
+        images, labels, used, bad = decode_batch(self.samples, indices)
+        return torch.stack([self._crop(img) for img in images]), labels, used, bad
 
 
-def _collate(items):
-    images, labels, index, bad = zip(*items)
-    return ([torch.stack(view) for view in zip(*images)], torch.tensor(labels, dtype=torch.int64),
-            torch.tensor(index, dtype=torch.int64), list(itertools.chain.from_iterable(bad)))
+def _as_is(batch):
+    """The DataLoader's collate_fn: items are whole batches already."""
+    return batch
 
 
 # ---- Loaders ------------------------------------------------------------------------------------
@@ -218,16 +234,18 @@ class _FolderLoader:
         return len(self.classes)
 
     def _run(self, dataset: Dataset, batches: list[list[int]]) -> Iterator[tuple]:
-        """Yield (normalized images per view, labels, index) on the device, batch by batch."""
-        loader = DataLoader(dataset, batch_sampler=batches, num_workers=self.workers,
-                            collate_fn=_collate, pin_memory=self.device.type == "cuda",
+        """Yield dataset[batch] for each batch (all but its bad files, which are reported)."""
+        loader = DataLoader(dataset, sampler=batches, batch_size=None, num_workers=self.workers,
+                            collate_fn=_as_is, pin_memory=self.device.type == "cuda",
                             # Its own generator: otherwise each epoch draws a worker base seed
                             # from (and so shifts) the global torch RNG.
                             generator=torch.Generator())
-        for images, labels, index, bad in loader:
+        for *batch, bad in loader:
             self._report(bad)
-            yield ([normalize(view.to(self.device, non_blocking=True), self.dtype) for view in images],
-                   labels.to(self.device), index.to(self.device))
+            yield batch
+
+    def _normalized(self, images: torch.Tensor) -> torch.Tensor:
+        return normalize(images.to(self.device, non_blocking=True), self.dtype)
 
     def _report(self, bad: list[BadFile]) -> None:
         for path, reason in bad:
@@ -240,13 +258,23 @@ class _FolderLoader:
 class TorchvisionLoader(_FolderLoader):
     """BYOL training views from an ImageFolder split. `epoch(e)` yields this rank's `Views` batches;
     len() is the number of batches per epoch (the same on every rank). `subset` > 0 trains on a fixed
-    random subset of that many images (keyed by seed); Views.index still names dataset indices."""
+    random subset of that many images (keyed by seed); Views.index still names dataset indices.
+
+    photometric="batched" (the default) runs the colour stage as photometric_batched: with a GPU
+    device in the main process, on the device, over whole batches; with the CPU in the workers, over
+    each worker's batch, so that it runs in parallel with decoding instead of competing with the
+    step's threads. "reference" runs photometric_reference per sample in the workers: the baseline.
+    Both yield the same Views."""
 
     def __init__(self, root: str | os.PathLike, split: str = "train", *, batch_size: int,
                  image_size: int = 224, small: bool = False, seed: int = 0, rank: int = 0,
                  world_size: int = 1, workers: int = 0, device: str | torch.device = "cpu",
-                 crop_scale: tuple[float, float] = (0.08, 1.0), subset: int = 0):
+                 crop_scale: tuple[float, float] = (0.08, 1.0), subset: int = 0,
+                 photometric: str = "batched"):
+        if photometric not in PHOTOMETRIC:
+            raise ValueError(f"photometric={photometric!r}: expected one of {tuple(PHOTOMETRIC)}")
         super().__init__(root, split, workers, device)
+        self.photometric = photometric
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.specs = byol_view_specs(image_size, small=small, scale=crop_scale)
         self.indices = fixed_subset(len(self.samples), subset or None, seed)
@@ -263,9 +291,15 @@ class TorchvisionLoader(_FolderLoader):
         positions = epoch_batches(len(self.indices), self.batch_size, self.world_size, self.rank,
                                   self.seed, epoch)[start_batch:]
         batches = [[self.indices[p] for p in batch] for batch in positions]
-        dataset = _TrainViews(self.samples, self.specs, self.seed, epoch)
-        for (v1, v2), labels, index in self._run(dataset, batches):
-            yield Views(v1, v2, labels, index)
+        colour = PHOTOMETRIC[self.photometric]
+        on_device = colour is photometric_batched and self.device.type != "cpu"
+        dataset = _TrainBatches(self.samples, self.specs, self.seed, epoch, None if on_device else colour)
+        for views, params, labels, index in self._run(dataset, batches):
+            if on_device:
+                views = [photometric_batched(crops.to(self.device, non_blocking=True), view_params, spec)
+                         for crops, view_params, spec in zip(views, params, self.specs)]
+            v1, v2 = (self._normalized(view) for view in views)
+            yield Views(v1, v2, labels.to(self.device), index.to(self.device))
 
 
 class EvalLoader(_FolderLoader):
@@ -288,6 +322,6 @@ class EvalLoader(_FolderLoader):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         batches = [self.indices[k:k + self.batch_size]
                    for k in range(0, len(self.indices), self.batch_size)]
-        dataset = _EvalImages(self.samples, self.image_size, self.small)
-        for (images,), labels, index in self._run(dataset, batches):
-            yield images, labels, index
+        dataset = _EvalBatches(self.samples, self.image_size, self.small)
+        for images, labels, index in self._run(dataset, batches):
+            yield self._normalized(images), labels.to(self.device), index.to(self.device)

@@ -1,4 +1,4 @@
-"""The contract every loader yields, and the per-sample parameter samplers of the two BYOL views.
+"""The contract every loader yields, and the per-sample parameter sampler of the two BYOL views.
 
 Randomness is explicit: each stage first draws per-sample parameters as tensors, then applies them.
 Draws are keyed by (seed, epoch, index, view), so a resumed run, or another loader, sees the same views.
@@ -85,9 +85,9 @@ class ViewParams(NamedTuple):
 _KEY_PURPOSES = {"view": 1, "epoch_order": 2, "subset": 3}
 
 # torch's CPU generator is an MT19937 whose manual_seed keeps only the low 32 bits of the seed, so
-# seeding it from a hash would make distinct keys collide after ~2^16 of them (an ImageNet epoch has
-# 2.5M view keys). Instead numpy's SeedSequence hashes the key into a 128-bit PCG64 seed, and PCG64's
-# output fills the generator's whole 624-word state (SeedSequence alone is 4x slower at 624 words).
+# seeding it from a hash would make distinct keys collide after ~2^16 of them. Instead numpy's
+# SeedSequence hashes the key into a 128-bit PCG64 seed, and PCG64's output fills the generator's
+# whole 624-word state (SeedSequence alone is 4x slower at 624 words).
 # The state tensor is (initial_seed u64, left i32, seeded i32, next u64, state[624] u64, ...);
 # _mt_template checks that layout against a known seeding, so a torch that changes it fails loudly.
 _MT_WORDS = 624
@@ -119,30 +119,83 @@ def keyed_generator(purpose: str, *key: int) -> torch.Generator:
     return gen
 
 
-def sample_generator(seed: int, epoch: int, index: int, view: int) -> torch.Generator:
-    """A generator keyed by (seed, epoch, index, view); independent streams for distinct keys."""
-    return keyed_generator("view", seed, epoch, index, view)
+# ---- Per-view draws ------------------------------------------------------------------------------
+#
+# A loader draws two views for each of hundreds of samples per batch, so a draw must cost a few µs
+# per sample: a keyed torch generator per sample and view plus its n=1 sampling ops cost ~1 ms here.
+# Instead each (sample, view) takes a fixed number of uniforms from Philox4x64-10, the counter-based
+# generator numpy ships as numpy.random.Philox: block b of (index, view) is the cipher of the counter
+# (b, view, index, 0) under a 128-bit key hashed from (seed, epoch). Distinct counters give
+# independent blocks, and a whole batch is one vectorised computation; one vectorised function then
+# turns the uniforms into parameters.
+
+_PHILOX_MULTIPLIERS = (np.uint64(0xD2E7470EE14C6C93), np.uint64(0xCA5A826395121157))
+_PHILOX_KEY_STEPS = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBB67AE8584CAA73B))
+_PHILOX_ROUNDS = 10
+_LOW32, _HALF = np.uint64(0xFFFFFFFF), np.uint64(32)
+
+
+def _mulhilo(a: np.ndarray, m: np.uint64) -> tuple[np.ndarray, np.ndarray]:
+    """The high and low 64-bit words of the 128-bit products a * m (numpy has no 128-bit type)."""
+    a_lo, a_hi = a & _LOW32, a >> _HALF
+    m_lo, m_hi = m & _LOW32, m >> _HALF
+    lo_hi, hi_lo = a_lo * m_hi, a_hi * m_lo
+    carry = ((a_lo * m_lo) >> _HALF) + (lo_hi & _LOW32) + (hi_lo & _LOW32)  # < 3 * 2**32: no overflow
+    return a_hi * m_hi + (lo_hi >> _HALF) + (hi_lo >> _HALF) + (carry >> _HALF), a * m
+
+
+def philox4x64(counters: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """Philox4x64-10 of uint64 counters (..., 4) under a uint64 key (2,): uint64 (..., 4), word for
+    word what numpy.random.Philox(key=key) emits after its counter reaches these values."""
+    c0, c1, c2, c3 = (counters[..., i] for i in range(4))
+    k0, k1 = np.uint64(key[0]), np.uint64(key[1])
+    with np.errstate(over="ignore"):  # the key schedule wraps modulo 2**64 by design
+        for round_ in range(_PHILOX_ROUNDS):
+            if round_:
+                k0, k1 = k0 + _PHILOX_KEY_STEPS[0], k1 + _PHILOX_KEY_STEPS[1]
+            hi0, lo0 = _mulhilo(c0, _PHILOX_MULTIPLIERS[0])
+            hi1, lo1 = _mulhilo(c2, _PHILOX_MULTIPLIERS[1])
+            c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return np.stack([c0, c1, c2, c3], axis=-1)
 
 
 CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes before its central fallback
 
+# Columns of the (n, VIEW_DRAWS) uniform matrix, one stretch per parameter. Every sample draws all
+# of them, whatever its image size or gates, so the draws never depend on the data.
+_AREA = slice(0, CROP_ATTEMPTS)
+_LOG_RATIO = slice(CROP_ATTEMPTS, 2 * CROP_ATTEMPTS)
+_TOP, _LEFT, _FLIP, _JITTER = range(2 * CROP_ATTEMPTS, 2 * CROP_ATTEMPTS + 4)
+_FACTORS = slice(_JITTER + 1, _JITTER + 5)
+_ORDER = slice(_FACTORS.stop, _FACTORS.stop + 4)
+_GRAY, _BLUR, _SIGMA, _SOLARIZE = range(_ORDER.stop, _ORDER.stop + 4)
+VIEW_DRAWS = _SOLARIZE + 1  # 36: nine Philox blocks of four 64-bit words
 
-def sample_crops(gen: torch.Generator, heights: torch.Tensor, widths: torch.Tensor,
-                 scale: tuple[float, float], ratio: tuple[float, float]) -> torch.Tensor:
+
+def view_uniforms(seed: int, epoch: int, index, view: int) -> np.ndarray:
+    """The keyed uniforms in [0, 1) of one view of samples `index` (n,): float64 (n, VIEW_DRAWS),
+    row i a function of (seed, epoch, index[i], view) only. Key parts are integers in [0, 2**64)."""
+    entropy = np.array([_KEY_PURPOSES["view"], seed, epoch], dtype=np.uint64)  # fixed width
+    key = np.random.SeedSequence(entropy.view(np.uint32)).generate_state(2, np.uint64)
+    index = np.asarray(index, dtype=np.uint64)
+    blocks = VIEW_DRAWS // 4
+    counters = np.zeros((len(index), blocks, 4), dtype=np.uint64)
+    counters[..., 0] = np.arange(blocks, dtype=np.uint64)
+    counters[..., 1] = view
+    counters[..., 2] = index[:, None]
+    bits = philox4x64(counters, key).reshape(len(index), VIEW_DRAWS)
+    return (bits >> np.uint64(11)) * 2.0**-53  # the top 53 bits: every double in [0, 1) on a 2**-53 grid
+
+
+def _crops(u: torch.Tensor, heights: torch.Tensor, widths: torch.Tensor,
+           scale: tuple[float, float], ratio: tuple[float, float]) -> torch.Tensor:
     """Vectorised twin of torchvision's RandomResizedCrop.get_params (10 tries, then the central
-    fallback), for images of the given (n,) heights and widths. Returns (n, 4) int64.
-
-    Every attempt of every sample is drawn at once, so the number of draws taken from gen does not
-    depend on the image sizes. Float64 throughout, like torchvision's Python-float arithmetic."""
-    n = heights.shape[0]
-    height = heights.to(torch.float64)
-    width = widths.to(torch.float64)
-    f64 = dict(dtype=torch.float64)
-
-    target_area = (height * width)[:, None] * torch.empty(n, CROP_ATTEMPTS, **f64).uniform_(
-        scale[0], scale[1], generator=gen)
-    aspect = torch.exp(torch.empty(n, CROP_ATTEMPTS, **f64).uniform_(
-        math.log(ratio[0]), math.log(ratio[1]), generator=gen))
+    fallback) from each sample's uniforms. Returns (n, 4) int64. Float64 throughout, like
+    torchvision's Python-float arithmetic."""
+    height, width = heights.to(torch.float64), widths.to(torch.float64)
+    target_area = (height * width)[:, None] * (scale[0] + (scale[1] - scale[0]) * u[:, _AREA])
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_low + (log_high - log_low) * u[:, _LOG_RATIO])
     tries_w = torch.round(torch.sqrt(target_area * aspect))  # round half to even, as Python's round
     tries_h = torch.round(torch.sqrt(target_area / aspect))
     fits = (tries_w > 0) & (tries_w <= width[:, None]) & (tries_h > 0) & (tries_h <= height[:, None])
@@ -156,41 +209,42 @@ def sample_crops(gen: torch.Generator, heights: torch.Tensor, widths: torch.Tens
 
     w = torch.where(found, tries_w.gather(1, first_fit).squeeze(1), fallback_w)
     h = torch.where(found, tries_h.gather(1, first_fit).squeeze(1), fallback_h)
-    # randint(0, H - h + 1) as floor(u * (H - h + 1)); the clamp guards the u -> 1 rounding edge.
-    u_top, u_left = torch.rand(2, n, generator=gen, **f64)
-    top_range, left_range = height - h + 1, width - w + 1
-    top = torch.where(found, torch.minimum(torch.floor(u_top * top_range), top_range - 1),
+    # randint(0, H - h + 1) as floor(u * (H - h + 1)), which stays below H - h + 1 for any double u < 1.
+    top = torch.where(found, torch.floor(u[:, _TOP] * (height - h + 1)),
                       torch.div(height - h, 2, rounding_mode="floor"))
-    left = torch.where(found, torch.minimum(torch.floor(u_left * left_range), left_range - 1),
+    left = torch.where(found, torch.floor(u[:, _LEFT] * (width - w + 1)),
                        torch.div(width - w, 2, rounding_mode="floor"))
     return torch.stack([top, left, h, w], dim=1).to(torch.int64)
 
 
-def sample_view_params(gen: torch.Generator, spec: ViewSpec, heights: torch.Tensor,
-                       widths: torch.Tensor) -> ViewParams:
-    """Draw one view's parameters for n images of the given (n,) sizes, with torchvision's
-    distributions: RandomResizedCrop, RandomHorizontalFlip, RandomApply(ColorJitter), RandomGrayscale,
-    RandomApply(GaussianBlur), RandomSolarize. The number of draws is fixed given n."""
-    n = heights.shape[0]
-
-    def bernoulli(p: float) -> torch.Tensor:
-        return torch.rand(n, generator=gen) < p
-
-    crop = sample_crops(gen, heights, widths, spec.scale, spec.ratio)
-    flip = bernoulli(spec.flip_p)
-    jitter = bernoulli(spec.jitter_p)
+def view_params(uniforms, spec: ViewSpec, heights, widths) -> ViewParams:
+    """One view's parameters for n images of the given (n,) sizes from their (n, VIEW_DRAWS)
+    uniforms, with torchvision's distributions: RandomResizedCrop, RandomHorizontalFlip,
+    RandomApply(ColorJitter), RandomGrayscale, RandomApply(GaussianBlur), RandomSolarize."""
+    u = torch.as_tensor(uniforms, dtype=torch.float64)
+    crop = _crops(u, torch.as_tensor(heights), torch.as_tensor(widths), spec.scale, spec.ratio)
     # ColorJitter's ranges: [max(0, 1 - x), 1 + x] for brightness, contrast, saturation; [-h, h] for hue.
     low = torch.tensor([max(0.0, 1 - spec.brightness), max(0.0, 1 - spec.contrast),
-                        max(0.0, 1 - spec.saturation), -spec.hue])
-    high = torch.tensor([1 + spec.brightness, 1 + spec.contrast, 1 + spec.saturation, spec.hue])
-    factors = low + (high - low) * torch.rand(n, 4, generator=gen)
-    # The ranks of 4 i.i.d. uniforms form a uniform random permutation (float64: ties ~ never).
-    order = torch.rand(n, 4, generator=gen, dtype=torch.float64).argsort(dim=1)
-    gray = bernoulli(spec.gray_p)
-    blur = bernoulli(spec.blur_p)
-    sigma = torch.empty(n).uniform_(spec.blur_sigma[0], spec.blur_sigma[1], generator=gen)
-    solarize = bernoulli(spec.solarize_p)
-    return ViewParams(crop, flip, jitter, factors, order, gray, blur, sigma, solarize)
+                        max(0.0, 1 - spec.saturation), -spec.hue], dtype=torch.float64)
+    high = torch.tensor([1 + spec.brightness, 1 + spec.contrast, 1 + spec.saturation, spec.hue],
+                        dtype=torch.float64)
+    factors = (low + (high - low) * u[:, _FACTORS]).to(torch.float32)
+    # The ranks of 4 i.i.d. uniforms form a uniform random permutation (53-bit draws: ties ~ never).
+    order = u[:, _ORDER].argsort(dim=1)
+    low_sigma, high_sigma = spec.blur_sigma
+    sigma = (low_sigma + (high_sigma - low_sigma) * u[:, _SIGMA]).to(torch.float32)
+    return ViewParams(crop, flip=u[:, _FLIP] < spec.flip_p, jitter=u[:, _JITTER] < spec.jitter_p,
+                      factors=factors, order=order, gray=u[:, _GRAY] < spec.gray_p,
+                      blur=u[:, _BLUR] < spec.blur_p, sigma=sigma,
+                      solarize=u[:, _SOLARIZE] < spec.solarize_p)
+
+
+def sample_view_params(seed: int, epoch: int, index, view: int, spec: ViewSpec, heights,
+                       widths) -> ViewParams:
+    """The parameters of view `view` of samples `index` (n,) whose images have the given (n,) sizes,
+    keyed by (seed, epoch, index, view): the one sampler every loader uses, so a resumed run, or
+    another loader, sees the same views."""
+    return view_params(view_uniforms(seed, epoch, index, view), spec, heights, widths)
 
 
 def epoch_batches(num_samples: int, batch_size: int, world_size: int, rank: int, seed: int,
