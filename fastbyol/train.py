@@ -245,8 +245,16 @@ def train(cfg: Config, given: dict) -> dict:
           f"  random init    {knn_random:6.2f}%\n"
           f"  BYOL (online)  {summary['knn_online']:6.2f}%   ({summary['knn_online'] - knn_random:+.2f})\n"
           f"  BYOL (target)  {summary['knn_target']:6.2f}%\n"
-          f"backbone for torchvision.models.{cfg.arch}(): {out / 'backbone.pt'}")
+          f"backbone weights for {backbone_class(cfg)}: {out / 'backbone.pt'}")
     return summary
+
+
+def backbone_class(cfg: Config) -> str:
+    """What backbone.pt loads into, said in the run's last line."""
+    if cfg.arch == "cnn4":
+        return "fastbyol.model.CNN4()"
+    stem = " after fastbyol.model.small_stem()" if cfg.stem == "small" else ""
+    return f"torchvision.models.{cfg.arch}(){stem}"
 
 
 def main(argv: list[str] | None = None) -> None:
