@@ -176,3 +176,46 @@ def test_foreach_ema_equals_its_twin_over_100_steps():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     for a, o in zip(target_a.buffers(), online.buffers()):
         assert torch.equal(a, o)
+
+
+def test_fused_updates_never_read_a_device_value_back():
+    """On meta tensors any .item() or data-dependent branch raises: the multi-tensor EMA and LARS must
+    run there, which is what 'no host sync inside a step' means for them on a GPU."""
+    from fastbyol.kernels.ema import ema_foreach
+    from fastbyol.kernels.lars import lars_foreach
+    online = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)).to("meta")
+    target = copy.deepcopy(online)
+    ema_foreach(target, online, torch.tensor(0.99, device="meta"))
+    params = list(online.parameters())
+    for adapt in (True, False):
+        lars_foreach(params, [torch.empty_like(p) for p in params], [torch.empty_like(p) for p in params],
+                     lr=torch.tensor(0.1, device="meta"), weight_decay=1e-6, momentum=0.9,
+                     trust_coef=1e-3, adapt=adapt)
+
+
+class RandomShapes(nn.Module):
+    """Parameters of random shapes, 0-d and 1-d included, and a buffer."""
+
+    def __init__(self, values_seed, shapes_seed=5):
+        super().__init__()
+        gen = torch.Generator().manual_seed(values_seed)
+        self.params = nn.ParameterList(nn.Parameter(torch.randn(s, generator=gen))
+                                       for s in random_shapes(shapes_seed))
+        self.register_buffer("stat", torch.randn(5, generator=gen))
+
+
+def test_foreach_ema_on_random_shapes_tau_one_and_zero():
+    from fastbyol.kernels.ema import ema_foreach
+    online, target = RandomShapes(0), RandomShapes(1)
+    twin = copy.deepcopy(target)
+    for step in range(100):
+        tau = 0.9 + 0.1 * step / 99
+        ema_foreach(target, online, torch.tensor(tau))
+        ema_reference(twin, online, tau)
+    for a, b in zip(target.state_dict().values(), twin.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    before = copy.deepcopy(target.state_dict())
+    ema_foreach(target, online, torch.tensor(1.0))
+    assert all(torch.equal(target.params[i], before[f"params.{i}"]) for i in range(len(target.params)))
+    ema_foreach(target, online, torch.tensor(0.0))
+    assert all(torch.equal(t, o) for t, o in zip(target.parameters(), online.parameters()))

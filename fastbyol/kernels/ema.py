@@ -11,19 +11,23 @@ from torch import nn
 
 
 @torch.no_grad()
-def ema_reference(target: nn.Module, online: nn.Module, tau: float) -> None:
-    """The plain per-tensor loop. lerp makes tau=1 an exact no-op and tau=0 an exact copy."""
+def ema_reference(target: nn.Module, online: nn.Module, tau) -> None:
+    """The plain per-tensor loop. tau * xi + (1 - tau) * theta: tau=1 is an exact no-op and tau=0 an
+    exact copy (for finite weights)."""
     for t, o in zip(target.parameters(), online.parameters(), strict=True):
-        t.lerp_(o, 1.0 - tau)
+        t.mul_(tau).add_(o * (1.0 - tau))
     for t, o in zip(target.buffers(), online.buffers(), strict=True):
         t.copy_(o)
 
 
 @torch.no_grad()
 def ema_foreach(target: nn.Module, online: nn.Module, tau) -> None:
-    """Multi-tensor EMA: one fused lerp over all parameters, one copy over all buffers. tau may be a
-    0-d device tensor (no recompiles as it moves)."""
-    torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1.0 - tau)
+    """Multi-tensor EMA over all parameters, one copy over all buffers. tau may be a 0-d device tensor
+    (no recompiles as it moves). Not _foreach_lerp_: it has no tensor-weight overload, so a device tau
+    would be read back to the host (.item()) at every step."""
+    targets, onlines = list(target.parameters()), list(online.parameters())
+    torch._foreach_mul_(targets, tau)
+    torch._foreach_add_(targets, torch._foreach_mul(onlines, 1.0 - tau))
     t_bufs, o_bufs = list(target.buffers()), list(online.buffers())
     if t_bufs:
         torch._foreach_copy_(t_bufs, o_bufs)
