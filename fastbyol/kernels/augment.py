@@ -89,6 +89,16 @@ def _saturation(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 _HSV_SECTORS = torch.tensor([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2], [0, 3, 1]])
 
 
+@functools.cache
+def _on_device(name: str, device: torch.device) -> torch.Tensor:
+    """Constant tables, copied to a device once: a fresh host-to-device copy per batch would block the
+    host until the GPU had finished the previous step."""
+    table = dict(hsv_sectors=_HSV_SECTORS,
+                 mean=torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
+                 std=torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))[name]
+    return table.to(device)
+
+
 def _hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """torchvision's adjust_hue: to float in [0, 1], to HSV, hue shifted modulo 1, back, and to uint8
     by its to_dtype scaling (x 255.999, truncated)."""
@@ -120,7 +130,7 @@ def _hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     t = sxf.add_(one_minus_s).mul_(value).clamp_(0.0, 1.0)
     p = one_minus_s.mul_(value).clamp_(0.0, 1.0)
     vpqt = torch.stack((value, p, q, t), dim=1)
-    table = _HSV_SECTORS.to(images.device)
+    table = _on_device("hsv_sectors", images.device)
     select = table.index_select(0, sector.to(torch.int64).flatten()).view(*sector.shape, 3)
     return vpqt.gather(1, select.permute(0, 3, 1, 2)).mul_(255 + 1.0 - 1e-3).to(torch.uint8)
 
@@ -183,7 +193,6 @@ def photometric_batched(images: torch.Tensor, params: ViewParams, spec: ViewSpec
 def normalize(batch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """uint8 (N, 3, S, S) -> (x / 255 - mean) / std as dtype, channels_last, on batch's device.
     Computed in fp32 and cast once, so bf16 output carries a single rounding."""
-    mean = torch.tensor(IMAGENET_MEAN, device=batch.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=batch.device).view(1, 3, 1, 1)
+    mean, std = _on_device("mean", batch.device), _on_device("std", batch.device)
     x = batch.contiguous(memory_format=torch.channels_last).float()
     return ((x / 255 - mean) / std).to(dtype).contiguous(memory_format=torch.channels_last)

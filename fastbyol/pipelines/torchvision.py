@@ -299,7 +299,8 @@ class TorchvisionLoader(_FolderLoader):
                 views = [photometric_batched(crops.to(self.device, non_blocking=True), view_params, spec)
                          for crops, view_params, spec in zip(views, params, self.specs)]
             v1, v2 = (self._normalized(view) for view in views)
-            yield Views(v1, v2, labels.to(self.device), index.to(self.device))
+            yield Views(v1, v2, labels.to(self.device, non_blocking=True),
+                        index.to(self.device, non_blocking=True))
 
 
 class EvalLoader(_FolderLoader):
@@ -324,4 +325,5 @@ class EvalLoader(_FolderLoader):
                    for k in range(0, len(self.indices), self.batch_size)]
         dataset = _EvalBatches(self.samples, self.image_size, self.small)
         for images, labels, index in self._run(dataset, batches):
-            yield self._normalized(images), labels.to(self.device), index.to(self.device)
+            yield (self._normalized(images), labels.to(self.device, non_blocking=True),
+                   index.to(self.device, non_blocking=True))
