@@ -40,7 +40,8 @@ class Config:
                                     "width (4096)"))
     proj_dim: int | None = field(default=None, metadata=dict(help="projection size (256)"))
     # optimisation (None: the official preset nearest to --epochs)
-    epochs: float | None = field(default=None, metadata=dict(help="training length (default 300)"))
+    epochs: float | None = field(default=None, metadata=dict(help="training length (default 300; the "
+                                 "embedded data: 100 on a GPU, 3 on the CPU)"))
     batch_size: int = field(default=256, metadata=dict(help="GLOBAL batch, split over ranks"))
     lr: float | None = field(default=None, metadata=dict(help="base lr, scaled by batch/256 (default: "
                              "the official preset nearest --epochs)"))
@@ -76,8 +77,8 @@ class Config:
     stop_at_step: int = field(default=0, metadata=dict(help="stop (with a checkpoint) after this "
                               "global step, keeping the full run's schedule; 0 = run to the end"))
     # monitoring
-    knn_every: float = field(default=0, metadata=dict(help="epochs between k-NN evaluations (0: at "
-                             "the end only)"))
+    knn_every: int = field(default=0, metadata=dict(help="epochs between k-NN evaluations (0: at "
+                           "the end only)"))
     knn_k: int = field(default=200, metadata=dict(help="k-NN neighbours"))
     knn_temperature: float = field(default=0.1, metadata=dict(help="k-NN vote weight exp(sim / T)"))
     knn_samples: int = field(default=10000, metadata=dict(help="train images in the k-NN bank and "
@@ -187,7 +188,8 @@ CPU_DEMO = dict(arch="cnn4", epochs=3.0, lr=2.0, tau_base=0.99, weight_decay=1.5
                 proj_hidden=512, proj_dim=128)
 
 
-def resolve(cfg: Config, *, device_type: str, embedded: bool, native_side: int) -> Config:
+def resolve(cfg: Config, *, device_type: str, embedded: bool, native_side: int,
+            local_ranks: int = 1) -> Config:
     """Fill every None with a concrete value. Order: explicit flags > CPU demo > presets > recipe.
     Values already set are kept, so resolving a saved config changes nothing."""
     cfg = dataclasses.replace(cfg)
@@ -197,8 +199,8 @@ def resolve(cfg: Config, *, device_type: str, embedded: bool, native_side: int) 
                 setattr(cfg, key, value)
     if cfg.arch is None:
         cfg.arch = "resnet18" if embedded else "resnet50"
-    if cfg.epochs is None:
-        cfg.epochs = 300.0
+    if cfg.epochs is None:  # the embedded data set is small: a demo, not a 300-epoch pretraining
+        cfg.epochs = 100.0 if embedded else 300.0
     preset = preset_for_epochs(cfg.epochs)
     for key in ("lr", "weight_decay", "tau_base"):
         if getattr(cfg, key) is None:
@@ -209,8 +211,8 @@ def resolve(cfg: Config, *, device_type: str, embedded: bool, native_side: int) 
         cfg.stem = "small" if cfg.image_size <= SMALL_IMAGE_MAX_SIDE else "imagenet"
     cfg.proj_hidden = cfg.proj_hidden or 4096
     cfg.proj_dim = cfg.proj_dim or 256
-    if cfg.workers is None:
-        cfg.workers = min(8, os.cpu_count() or 1)
+    if cfg.workers is None:  # the cores are shared by the ranks on this node
+        cfg.workers = max(1, min(8, (os.cpu_count() or 1) // local_ranks))
     if cfg.precision is None:
         cfg.precision = "bf16" if device_type == "cuda" else "fp32"
     if cfg.compile is None:

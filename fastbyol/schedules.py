@@ -29,7 +29,8 @@ def scaled_lr(base_lr: float, global_batch: int) -> float:
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
     """Linear warm-up from 0 to peak over warmup_steps, then cosine decay to 0 at total_steps."""
     if step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps  # step 0 already trains, as in the official code
+        # (step + 1): step 0 already trains; the official schedule starts at 0 (README, departures)
+        return peak_lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return peak_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fastbyol.kernels.ema import ema_foreach, ema_reference
-from fastbyol.kernels.lars import LARS, lars_foreach, lars_reference
+from fastbyol.kernels.lars import LARS
 from fastbyol.model import BYOL
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -22,8 +22,8 @@ class BYOLStep:
     """One optimizer step of BYOL. `net` is what runs the forward: the model itself, or its DDP wrapper
     (checkpoints and the EMA always use the unwrapped `model`).
 
-    fused=True: multi-tensor LARS and EMA; fused=False: their per-parameter reference twins (the plain
-    baseline of the benchmarks). precision: bf16 autocast (default on GPUs), fp16 autocast with loss
+    fused=True: the multi-tensor EMA, False: its per-parameter twin; LARS runs as the optimizer was built
+    (LARS(foreach=...)). Both reference twins make the plain baseline of the benchmarks. precision: bf16 autocast (default on GPUs), fp16 autocast with loss
     scaling (GPUs without bf16), or fp32; master weights are fp32 in every case."""
 
     def __init__(self, model: BYOL, optimizer: LARS, net: nn.Module | None = None, *,
@@ -36,7 +36,7 @@ class BYOLStep:
         self.model, self.optimizer = model, optimizer
         self.dtype = PRECISIONS[precision]
         self.device = next(model.parameters()).device
-        self.lars = lars_foreach if fused else lars_reference
+        self.lars = optimizer.update  # multi-tensor or reference, as the optimizer was built
         self.ema = ema_foreach if fused else ema_reference
         # Parameter lists fixed once: the update sees the same structure every step.
         self.groups = [(group, list(group["params"]),
@@ -64,6 +64,8 @@ class BYOLStep:
         accuracy. Reading it is the caller's host sync, at log intervals."""
         self.lr.fill_(lr)  # a scalar fill kernel, not a host sync
         self.tau.fill_(tau)
+        for group in self.optimizer.param_groups:  # what a saved optimizer state then records
+            group["lr"] = lr
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             loss, byol, probe_loss, probe_acc = self.forward(v1, v2, labels)
         for p in self.model.parameters():

@@ -79,10 +79,8 @@ def setup(cfg: Config, given: dict) -> tuple[Config, Path, torch.device, Dist, d
     else:
         root = Path(cfg.data)
     cfg = config_mod.resolve(cfg, device_type=device.type, embedded=cfg.data is None,
-                             native_side=native_size(root))
-    if "workers" not in given:  # the cores are shared by the local ranks
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        cfg.workers = max(1, min(8, (os.cpu_count() or 1) // local))
+                             native_side=native_size(root),
+                             local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     cfg.data = str(root)
     if cfg.batch_size % dist.world_size:
         raise InputError(f"--batch-size {cfg.batch_size} (the global batch) does not split evenly "
@@ -133,8 +131,9 @@ def train(cfg: Config, given: dict) -> dict:
     warmup = warmup_steps_for(cfg.warmup_epochs, steps_per_epoch, total_steps, small)
     peak_lr = scaled_lr(cfg.lr, cfg.batch_size)
     stop = min(total_steps, cfg.stop_at_step or total_steps)
-    knn = lambda enc: knn_eval(enc, Path(cfg.data), cfg.image_size, loader.num_classes, device,
-                               cfg.knn_samples, cfg.knn_k, cfg.knn_temperature, cfg.workers, dist)
+    def knn(encoder) -> float:
+        return knn_eval(encoder, Path(cfg.data), cfg.image_size, loader.num_classes, device,
+                        cfg.knn_samples, cfg.knn_k, cfg.knn_temperature, cfg.workers, dist)
 
     if state is None:
         step, knn_random = 0, knn(model.online["encoder"])
@@ -142,6 +141,8 @@ def train(cfg: Config, given: dict) -> dict:
     else:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if step_fn.scaler is not None and state.get("grad_scaler"):
+            step_fn.scaler.load_state_dict(state["grad_scaler"])
         ckpt_io.set_rng_state(state["rng"])
         step, knn_random = state["step"], state["knn_random_init"]
         log.info("resumed %s at step %d of %d", out, step, total_steps)
@@ -156,14 +157,16 @@ def train(cfg: Config, given: dict) -> dict:
                                  rng=ckpt_io.rng_state(), config=dataclasses.asdict(cfg),
                                  num_classes=loader.num_classes, knn_random_init=knn_random,
                                  world_size=dist.world_size,
+                                 grad_scaler=step_fn.scaler.state_dict() if step_fn.scaler else None,
                                  sampler=dict(epoch=step // steps_per_epoch,
                                               batch=step % steps_per_epoch)), out / "checkpoint.pt")
 
     if dist.is_main:
-        log.info("training %s (%s stem, %d px views) on %s: %d images, %d classes, global batch %d, "
-             "%d steps (%.3g epochs), peak lr %.3g, tau_base %.4g, wd %.3g, %s",
-                 cfg.arch, cfg.stem, cfg.image_size, cfg.data, len(loader.samples),
-                 loader.num_classes, cfg.batch_size, total_steps, cfg.epochs, peak_lr, cfg.tau_base,
+        images = (f"{len(loader.indices)} images (a fixed subset of {len(loader.samples)})"
+                  if len(loader.indices) < len(loader.samples) else f"{len(loader.samples)} images")
+        log.info("training %s (%s stem, %d px views) on %s: %s, %d classes, global batch %d, "
+                 "%d steps (%.3g epochs), peak lr %.3g, tau_base %.4g, wd %.3g, %s",
+                 cfg.arch, cfg.stem, cfg.image_size, cfg.data, images, loader.num_classes, cfg.batch_size, total_steps, cfg.epochs, peak_lr, cfg.tau_base,
                  cfg.weight_decay, f"{dist.world_size} x {device}, {cfg.precision}, compile "
                  f"{cfg.compile}")
     metrics_file = open(out / "metrics.jsonl", "a") if dist.is_main else None
@@ -218,7 +221,7 @@ def train(cfg: Config, given: dict) -> dict:
                 if step % cfg.ckpt_every == 0:
                     log_interval()  # the NaN check covers every step the checkpoint holds
                     save_checkpoint()
-            if cfg.knn_every and step < stop and step % round(cfg.knn_every * steps_per_epoch) == 0:
+            if cfg.knn_every and step < stop and (epoch + 1) % cfg.knn_every == 0:
                 log.info("epoch %d: k-NN top-1 %.2f%%", epoch + 1, knn(model.online["encoder"]))
         log_interval()
         save_checkpoint()
@@ -234,7 +237,7 @@ def train(cfg: Config, given: dict) -> dict:
     if not dist.is_main:
         return {}
     torch.save(model.backbone_state_dict("online"), out / "backbone.pt")
-    summary = dict(arch=cfg.arch, stem=cfg.stem, data=cfg.data, images=len(loader.samples),
+    summary = dict(arch=cfg.arch, stem=cfg.stem, data=cfg.data, images=len(loader.indices),
                    steps=total_steps, epochs=cfg.epochs, knn_k=cfg.knn_k,
                    knn_samples=cfg.knn_samples, knn_random_init=knn_random,
                    knn_online=knn_online, knn_target=knn_target, world_size=dist.world_size,
