@@ -62,11 +62,11 @@ from tqdm import tqdm
 
 import fastbyol
 from fastbyol import InputError
+from fastbyol.pipelines.torchvision import is_hidden, to_rgb, walk_class_folder
 
 log = logging.getLogger("fastbyol.convert")
 
 # torchvision's IMG_EXTENSIONS (ImageFolder's default filter), compared in lower case.
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"})
 SPLIT_NAMES = ("train", "val")
 TARGETS = ("ffcv", "dali")
 # Pillow's own decompression-bomb warning threshold: a sane default for photos.
@@ -103,36 +103,18 @@ class Split:
     ignored: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".")
-
-
 def _class_folders(folder: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not _is_hidden(e.name))
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not is_hidden(e.name))
 
 
 def _walk_class_folder(root: Path, folder: Path, split: Split, label: int) -> None:
-    """Add the files below one class folder to `split`, in torchvision's order (sorted os.walk).
-    Symlinks are followed once: a directory already visited (a link cycle) is not entered again."""
-    visited, found = set(), []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in visited:
-            dirnames[:] = []
-            continue
-        visited.add(real)
-        dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
-        found.append((dirpath, sorted(filenames)))
-    for dirpath, filenames in sorted(found):
-        prefix = Path(os.path.relpath(dirpath, root)).as_posix() + "/"
-        for name in filenames:
-            rel = prefix + name
-            if _is_hidden(name):
-                split.ignored.append((rel, "hidden file"))
-            elif os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
-                split.ignored.append((rel, "not an image file name"))
-            else:
-                split.files.append((rel, label))
+    """Add the files below one class folder to `split`, numbered as every loader numbers them."""
+    for path, not_image in walk_class_folder(folder):
+        rel = Path(os.path.relpath(path, root)).as_posix()
+        if not_image:
+            split.ignored.append((rel, not_image))
+        else:
+            split.files.append((rel, label))
 
 
 def scan_source(root: Path) -> list[Split]:
@@ -284,14 +266,6 @@ def fit_within(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """As the torchvision reference loader does it: 16-bit gray keeps its high byte (Pillow's own
-    conversion clips at 255), everything else goes through Image.convert."""
-    if img.mode.startswith("I;16"):
-        img = Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8))
-    return img.convert("RGB")
-
-
 FRAME_NAMES = {0xC0: "baseline", 0xC1: "extended sequential", 0xC2: "progressive", 0xC3: "lossless"}
 
 
@@ -434,7 +408,7 @@ def inspect_file(job: tuple[str, str], settings: Settings, copy_root: str | None
     if not ffcv and not reasons:
         return record, None
     try:
-        rgb = _to_rgb(ImageOps.exif_transpose(img) if orientation in range(2, 9) else img)
+        rgb = to_rgb(ImageOps.exif_transpose(img) if orientation in range(2, 9) else img)
         if rgb.size != stored_size:
             rgb = downscale(rgb, stored_size)
         payload = encode_jpeg(rgb, settings.jpeg_quality)

@@ -18,9 +18,10 @@ import pytest
 from PIL import Image, ImageOps
 
 from fastbyol import bench
-from fastbyol.convert import (IMAGE_EXTENSIONS, REPAIRED_DIR, ValidationLog, _ffcv_decodes_cleanly, convert,
-                              dali_file_list, downscale, main, read_jpeg_header)
+from fastbyol.convert import (REPAIRED_DIR, ValidationLog, _ffcv_decodes_cleanly, convert, dali_file_list,
+                              downscale, main, read_jpeg_header)
 from fastbyol.pipelines.ffcv import constant_size_loader, open_beton, read_image
+from fastbyol.pipelines.torchvision import IMAGE_EXTENSIONS
 
 pytest.importorskip("ffcv")
 JPEG_TOLERANCE = 3.0  # mean abs difference on uint8

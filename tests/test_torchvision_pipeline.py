@@ -332,3 +332,21 @@ def test_eval_subset_is_deterministic_and_sharded_without_overlap(folder):
                         seed=3, world_size=3, rank=1)
     assert sum((index.tolist() for _, _, index in loader), []) == shards[1]
     assert indices() == list(range(13))
+
+
+def test_sample_order_is_torchvision_imagefolders_and_the_converters(tmp_path):
+    """Views are keyed by sample index, so every loader and the converter must number files alike:
+    nested folders included, where sorting whole paths would differ from torchvision's walk."""
+    import torchvision
+    from fastbyol.convert import scan_source
+    from PIL import Image
+    for rel in ("cat/b.png", "cat/b/c.png", "cat/b0.png", "cat/a/z.png", "dog/x.png", "dog/x/y/z.png"):
+        path = tmp_path / "train" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(path)
+    classes, samples = tvp.scan_image_folder(tmp_path / "train")
+    reference = torchvision.datasets.ImageFolder(tmp_path / "train")
+    assert classes == reference.classes
+    assert samples == [(path, label) for path, label in reference.samples]
+    converted = next(split for split in scan_source(tmp_path) if split.name == "train")
+    assert [str(tmp_path / rel) for rel, _ in converted.files] == [path for path, _ in samples]

@@ -50,24 +50,43 @@ def split_folder(root: str | os.PathLike, split: str) -> Path:
     return root
 
 
-def _is_hidden(name: str) -> bool:
+def is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _images_under(folder: Path) -> list[str]:
-    """Image files below folder, recursively and sorted, as torchvision's make_dataset walks."""
-    found = []
+def walk_class_folder(folder: Path) -> Iterator[tuple[str, str | None]]:
+    """Every file below a class folder, in torchvision ImageFolder's order (sorted os.walk: by
+    directory, then by name), with None for an image file or the reason it is not one. Every loader
+    and the converter number samples this way, so an index means the same file everywhere. Symlinks
+    are followed once: a directory already visited (a link cycle) is not entered again."""
+    visited, found = set(), []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
-        found += [os.path.join(dirpath, f) for f in filenames
-                  if not _is_hidden(f) and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
-    return sorted(found)
+        real = os.path.realpath(dirpath)
+        if real in visited:
+            dirnames[:] = []
+            continue
+        visited.add(real)
+        dirnames[:] = [d for d in dirnames if not is_hidden(d)]
+        found.append((dirpath, sorted(filenames)))
+    for dirpath, filenames in sorted(found):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if is_hidden(name):
+                yield path, "hidden file"
+            elif os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                yield path, "not an image file name"
+            else:
+                yield path, None
+
+
+def _images_under(folder: Path) -> list[str]:
+    return [path for path, not_image in walk_class_folder(folder) if not_image is None]
 
 
 def scan_image_folder(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
     """(classes, samples) of an ImageFolder split: classes sorted by name as torchvision sorts them,
     samples as (path, label). A class folder without images keeps its label, with a warning."""
-    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not _is_hidden(e.name))
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not is_hidden(e.name))
     if not classes:
         raise InputError(f"{folder}: no class folders (expected {folder}/<class>/<image files>)")
     samples = []
@@ -102,7 +121,8 @@ def native_size(root: str | os.PathLike, split: str = "train", probe: int = 16) 
 
 # ---- Decoding -----------------------------------------------------------------------------------
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any mode to 3-channel RGB, as the converter stores it too."""
     if img.mode.startswith("I;16"):
         # PIL's 16-bit -> 8-bit conversion clips at 255 instead of scaling: keep the high byte.
         img = Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8))
@@ -116,7 +136,7 @@ def decode_image(path: str) -> torch.Tensor:
     with Image.open(path) as img:
         img.load()
         ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of the (usual) upright image
-        rgb = _to_rgb(img)
+        rgb = to_rgb(img)
     # asarray views PIL's pixels read-only; the transposed copy is the tensor's own CHW memory.
     return torch.from_numpy(np.asarray(rgb).transpose(2, 0, 1).copy())
 
