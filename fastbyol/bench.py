@@ -196,8 +196,8 @@ def add_convert_args(parser: argparse.ArgumentParser) -> None:
 
 
 def bench_convert(args) -> dict:
-    from fastbyol.convert import _import_ffcv
-    _import_ffcv()  # imported once, outside every timing (it compiles numba code: seconds)
+    from fastbyol.convert import import_ffcv_writer
+    import_ffcv_writer()  # imported once, outside every timing (it compiles numba code: seconds)
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="fastbyol-bench-"))
     settings = dict(max_side=args.max_side, jpeg_quality=args.jpeg_quality, workers=args.workers)
     contestants = {"ours": partial(_our_converter, keep_original_jpegs=True, **settings)}

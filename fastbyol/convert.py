@@ -520,7 +520,7 @@ def _still_valid(record: dict, source: Path, partial_dir: Path) -> bool:
 
 # ---- Writing the .beton files ---------------------------------------------------------------------
 
-def _import_ffcv():
+def import_ffcv_writer():
     try:
         import ffcv.writer  # noqa: F401  (imports numba, OpenCV and libffcv's native code)
         from ffcv.fields import IntField, RGBImageField
@@ -603,7 +603,7 @@ def _mark_as_rgb_image_field(path: Path, field_index: int) -> None:
 
 def write_beton(path: Path, root: Path, samples: list[tuple[dict, int]], payloads_path: Path,
                 workers: int) -> None:
-    writer_module, IntField, RGBImageField = _import_ffcv()
+    writer_module, IntField, RGBImageField = import_ffcv_writer()
     errors_path = path.with_suffix(".errors.txt")
     errors_path.unlink(missing_ok=True)
     sizes = [r.get("length", r["size"]) for r, _ in samples]
@@ -814,7 +814,7 @@ def convert(source: str | os.PathLike, target: str, out: str | os.PathLike | Non
                              "choose another --out, or pass --overwrite to replace it")
         return dict(previous, already_complete=True)
     if target == "ffcv":
-        _import_ffcv()  # fail now, not after the validation pass; and keep its seconds out of the timings
+        import_ffcv_writer()  # fail now, not after the validation pass; and keep its seconds out of the timings
     t_start = time.perf_counter()
     splits = scan_source(source)
     _check_writable(out)
