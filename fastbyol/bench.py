@@ -294,9 +294,6 @@ def _step_variant(name: str, args, device, views) -> dict:
                   loss_finite=bool(torch.isfinite(metrics).all()))
     if device.type == "cuda":
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    del step, optimizer, model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return result
 
 
@@ -399,7 +396,11 @@ def bench_step(args) -> dict:
     views = (torch.randn(shape, generator=gen, device=device).contiguous(memory_format=torch.channels_last),
              torch.randn(shape, generator=gen, device=device).contiguous(memory_format=torch.channels_last),
              torch.randint(0, 1000, (args.batch_size,), generator=gen, device=device))
-    variants = [_step_variant(name, args, device, views) for name in args.variants.split(",")]
+    variants = []
+    for name in args.variants.split(","):
+        variants.append(_step_variant(name, args, device, views))
+        if device.type == "cuda":  # the variant's model is gone: give its memory back before the next
+            torch.cuda.empty_cache()
     baseline = next((v for v in variants if v["variant"] == "baseline"), None)
     rows = [{"variant": v["variant"], "precision": v["precision"], "compile": v["compile"],
              "img/s": v["img_per_s"], "vs baseline": v["img_per_s"] / baseline["img_per_s"] if baseline

@@ -1,5 +1,4 @@
 """Multi-process training on the CPU: 2 gloo workers (DESIGN.md, Processes)."""
-import copy
 import json
 import os
 import signal
@@ -8,7 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp

@@ -1,5 +1,4 @@
 """The step: compiled once (no recompiles as lr and tau move), equal to eager, fused equal to twins."""
-import copy
 
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
