@@ -19,7 +19,12 @@ import torch.nn.functional as F
 import torch.distributed as torch_dist
 
 from fastbyol import InputError
+from fastbyol import checkpoint as ckpt_io
+from fastbyol import dist as dist_mod
+from fastbyol.config import SMALL_IMAGE_MAX_SIDE, from_dict
 from fastbyol.dist import Dist, all_gather_tensor
+from fastbyol.model import BYOL
+from fastbyol.pipelines.torchvision import EvalLoader
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +127,6 @@ def linear_probe(train_x, train_y, val_x, val_y, num_classes: int, epochs: int =
 def split_features(encoder, root: Path, split: str, image_size: int, samples: int, workers: int,
                    device: torch.device, dist: Dist = Dist(), batch_size: int = 256):
     """This rank's shard of a split's features (a fixed random subset of `samples`; 0 = all)."""
-    from fastbyol.config import SMALL_IMAGE_MAX_SIDE
-    from fastbyol.pipelines.torchvision import EvalLoader
     batches = EvalLoader(root, split, image_size=image_size, batch_size=batch_size,
                          small=image_size <= SMALL_IMAGE_MAX_SIDE, workers=workers, device=device,
                          rank=dist.rank, world_size=dist.world_size, max_samples=samples or None)
@@ -142,9 +145,6 @@ def knn_eval(encoder, root: Path, image_size: int, num_classes: int, device: tor
 
 def load_encoder(checkpoint: Path, which: str, device: torch.device):
     """The online (default) or target encoder of a training checkpoint, and the run's config."""
-    from fastbyol import checkpoint as ckpt_io
-    from fastbyol.config import from_dict
-    from fastbyol.model import BYOL
     state = ckpt_io.load(checkpoint)
     cfg = from_dict(state["config"])
     model = BYOL(cfg.arch, cfg.stem == "small", state["num_classes"], cfg.proj_hidden, cfg.proj_dim)
@@ -154,7 +154,6 @@ def load_encoder(checkpoint: Path, which: str, device: torch.device):
 
 def main(argv=None) -> None:
     """Under torchrun every rank extracts and scores its shard; rank 0 prints the result."""
-    from fastbyol import dist as dist_mod
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="fastbyol.evaluate")
     parser.add_argument("protocol", choices=("knn", "linear"))

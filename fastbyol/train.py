@@ -131,6 +131,7 @@ def train(cfg: Config, given: dict) -> dict:
     warmup = warmup_steps_for(cfg.warmup_epochs, steps_per_epoch, total_steps, small)
     peak_lr = scaled_lr(cfg.lr, cfg.batch_size)
     stop = min(total_steps, cfg.stop_at_step or total_steps)
+
     def knn(encoder) -> float:
         return knn_eval(encoder, Path(cfg.data), cfg.image_size, loader.num_classes, device,
                         cfg.knn_samples, cfg.knn_k, cfg.knn_temperature, cfg.workers, dist)
