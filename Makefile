@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # Installed first (or pip would pull a newer CUDA build of torch for the extras that depend on it).
 TORCH ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= dev,ffcv,dali
+EXTRAS ?= dev,viz,ffcv,dali
 APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev dataset-fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.fastbyol-installed

@@ -15,9 +15,11 @@ from pathlib import Path
 
 from fastbyol import InputError
 from fastbyol.model import ARCHS
+from fastbyol.pipelines import LOADERS
 from fastbyol.schedules import preset_for_epochs
 
 SMALL_IMAGE_MAX_SIDE = 64
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -31,6 +33,15 @@ class Config:
                                    "for images <= 64 px"))
     crop_scale_min: float = field(default=0.08, metadata=dict(help="random resized crop area, lower bound"))
     workers: int | None = field(default=None, metadata=dict(help="data-loading processes per rank"))
+    loader: str = field(default="auto", metadata=dict(help="auto|torchvision|memory|dali|ffcv: how "
+                        "views are made (auto: memory when the data fits on the device, else "
+                        "torchvision)"))
+    hw_decoder_load: float = field(default=0.65, metadata=dict(help="--loader dali: the share of "
+                                   "JPEGs sent to the GPU's hardware decoder (the rest: CUDA nvJPEG)"))
+    ffcv_decode: str = field(default="cpu", metadata=dict(help="--loader ffcv: cpu (libjpeg-turbo in "
+                             "FFCV's workers) or gpu (nvJPEG)"))
+    os_cache: bool = field(default=False, metadata=dict(help="--loader ffcv: read the .beton through "
+                           "the OS page cache (off: FFCV's own process cache)"))
     # model
     arch: str | None = field(default=None, metadata=dict(help=f"one of {', '.join(ARCHS)}; default "
                              "resnet50, or for the embedded data resnet18 (GPU) / cnn4 (CPU)"))
@@ -56,8 +67,9 @@ class Config:
     # the step
     precision: str | None = field(default=None, metadata=dict(help="bf16|fp16|fp32 (default: bf16 "
                                   "autocast on GPUs, fp32 on the CPU)"))
-    compile: str | None = field(default=None, metadata=dict(help="off|default|max-autotune "
-                                "(default: default on GPUs, off on the CPU)"))
+    compile: str | None = field(default=None, metadata=dict(help="off|default|reduce-overhead|"
+                                "max-autotune (default: default on GPUs, off on the CPU; "
+                                "reduce-overhead adds CUDA graphs without autotuning)"))
     fused: bool = field(default=True, metadata=dict(help="multi-tensor LARS and EMA (off: the "
                         "per-parameter reference twins)"))
     sync_bn: bool = field(default=True, metadata=dict(help="BatchNorm statistics over the global "
@@ -76,6 +88,11 @@ class Config:
     ckpt_every: int = field(default=200, metadata=dict(help="steps between checkpoints"))
     stop_at_step: int = field(default=0, metadata=dict(help="stop (with a checkpoint) after this "
                               "global step, keeping the full run's schedule; 0 = run to the end"))
+    time_budget: float = field(default=0.0, metadata=dict(help="minutes of wall time: the step count "
+                               "(and with it the whole schedule) is sized from the measured step "
+                               "rate so that the run ends inside it; 0 = use --epochs"))
+    tensorboard: bool = field(default=False, metadata=dict(help="also write the metrics as "
+                              "TensorBoard scalars under OUT/tensorboard"))
     # monitoring
     knn_every: int = field(default=0, metadata=dict(help="epochs between k-NN evaluations (0: at "
                            "the end only)"))
@@ -160,8 +177,16 @@ def validate(cfg: Config) -> None:
             bad(name, "must be >= 0")
     if cfg.precision is not None and cfg.precision not in ("bf16", "fp16", "fp32"):
         bad("precision", "choose bf16, fp16 or fp32")
-    if cfg.compile is not None and cfg.compile not in ("off", "default", "max-autotune"):
-        bad("compile", "choose off, default or max-autotune")
+    if cfg.compile is not None and cfg.compile not in COMPILE_MODES:
+        bad("compile", f"choose {', '.join(COMPILE_MODES)}")
+    if cfg.loader not in ("auto", *LOADERS):
+        bad("loader", f"choose auto, {', '.join(LOADERS)}")
+    if not 0 <= cfg.hw_decoder_load <= 1:
+        bad("hw_decoder_load", "must lie in [0, 1]")
+    if cfg.ffcv_decode not in ("cpu", "gpu"):
+        bad("ffcv_decode", "choose cpu or gpu")
+    if not cfg.time_budget >= 0:
+        bad("time_budget", "must be >= 0 (minutes)")
     if cfg.nproc < 0:
         bad("nproc", "must be >= 0")
     if not cfg.dist_timeout > 0:

@@ -24,7 +24,7 @@ from fastbyol import dist as dist_mod
 from fastbyol.config import SMALL_IMAGE_MAX_SIDE, from_dict
 from fastbyol.dist import Dist, all_gather_tensor
 from fastbyol.model import BYOL
-from fastbyol.pipelines.torchvision import EvalLoader
+from fastbyol.pipelines import LOADERS, choose_loader, eval_loader, options_for
 
 log = logging.getLogger(__name__)
 
@@ -125,21 +125,25 @@ def linear_probe(train_x, train_y, val_x, val_y, num_classes: int, epochs: int =
 
 
 def split_features(encoder, root: Path, split: str, image_size: int, samples: int, workers: int,
-                   device: torch.device, dist: Dist = Dist(), batch_size: int = 256):
-    """This rank's shard of a split's features (a fixed random subset of `samples`; 0 = all)."""
-    batches = EvalLoader(root, split, image_size=image_size, batch_size=batch_size,
-                         small=image_size <= SMALL_IMAGE_MAX_SIDE, workers=workers, device=device,
-                         rank=dist.rank, world_size=dist.world_size, max_samples=samples or None)
+                   device: torch.device, dist: Dist = Dist(), batch_size: int = 256,
+                   loader: str = "torchvision", options: dict | None = None):
+    """This rank's shard of a split's features (a fixed random subset of `samples`; 0 = all), from
+    the evaluation loader of `loader` (fastbyol.pipelines) with its `options`."""
+    batches = eval_loader(loader, root, split, image_size=image_size, batch_size=batch_size,
+                          small=image_size <= SMALL_IMAGE_MAX_SIDE, workers=workers, device=device,
+                          rank=dist.rank, world_size=dist.world_size, max_samples=samples or None,
+                          seed=0, dtype=None, **(options or {}))
     return extract_features(encoder, batches, device)
 
 
 def knn_eval(encoder, root: Path, image_size: int, num_classes: int, device: torch.device,
              samples: int = 10000, k: int = 200, temperature: float = 0.1, workers: int = 2,
-             dist: Dist = Dist()) -> float:
+             dist: Dist = Dist(), loader: str = "torchvision", options: dict | None = None) -> float:
     """k-NN top-1 with a bank of `samples` train images, scored on `samples` val images."""
-    bank, bank_labels = split_features(encoder, root, "train", image_size, samples, workers, device, dist)
-    queries, query_labels = split_features(encoder, root, "val", image_size, samples, workers, device,
-                                           dist)
+    bank, bank_labels, queries, query_labels = (
+        tensor for split in ("train", "val")
+        for tensor in split_features(encoder, root, split, image_size, samples, workers, device, dist,
+                                     loader=loader, options=options))
     return knn_top1(bank, bank_labels, queries, query_labels, num_classes, k, temperature, dist)
 
 
@@ -160,6 +164,8 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoint", type=Path, required=True, help="a fastbyol training checkpoint")
     parser.add_argument("--data", type=Path, required=True, help="ImageFolder root with train/ and val/")
     parser.add_argument("--which", choices=("online", "target"), default="online")
+    parser.add_argument("--loader", choices=sorted(LOADERS),
+                        help="evaluation loader (default: the one the run trained with)")
     parser.add_argument("--samples", type=int, default=0, help="images per split (0 = all)")
     parser.add_argument("--k", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.1)
@@ -171,12 +177,14 @@ def main(argv=None) -> None:
     try:
         dist, device = dist_mod.init(torch.device(args.device), args.dist_timeout)
         encoder, cfg, num_classes = load_encoder(args.checkpoint, args.which, device)
+        loader = args.loader or choose_loader(cfg.loader, args.data, embedded=False)
+        source = dict(loader=loader, options=options_for(loader, cfg))
         if args.protocol == "knn":
             top1 = knn_eval(encoder, args.data, cfg.image_size, num_classes, device, args.samples,
-                            args.k, args.temperature, args.workers, dist)
+                            args.k, args.temperature, args.workers, dist, **source)
         else:
             feats = [split_features(encoder, args.data, split, cfg.image_size, args.samples,
-                                    args.workers, device, dist) for split in ("train", "val")]
+                                    args.workers, device, dist, **source) for split in ("train", "val")]
             top1 = linear_probe(*feats[0], *feats[1], num_classes, epochs=args.epochs, dist=dist)
     except InputError as exc:
         print(f"fastbyol.evaluate: error: {exc}", file=sys.stderr)

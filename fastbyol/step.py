@@ -12,10 +12,9 @@ from torch import nn
 
 from fastbyol.kernels.ema import ema_foreach, ema_reference
 from fastbyol.kernels.lars import LARS
+from fastbyol.config import COMPILE_MODES
 from fastbyol.model import BYOL
-
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-COMPILE_MODES = ("off", "default", "max-autotune")
+from fastbyol.views import PRECISIONS
 
 
 class BYOLStep:

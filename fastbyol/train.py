@@ -29,15 +29,17 @@ from fastbyol.evaluate import knn_eval
 from fastbyol.fashion_mnist import ensure_fashion_mnist
 from fastbyol.kernels.lars import LARS, lars_param_groups
 from fastbyol.model import BYOL
-from fastbyol.pipelines.torchvision import TorchvisionLoader, native_size
+from fastbyol.pipelines import choose_loader, native_side, options_for, train_loader
 from fastbyol.schedules import lr_at, scaled_lr, tau_at, warmup_steps_for
 from fastbyol.step import BYOLStep
+from fastbyol.views import view_dtype
 
 log = logging.getLogger("fastbyol.train")
 
 # Given again on --resume, these change how the run executes, not what it computes.
 RUNTIME_FIELDS = {"workers", "device", "log_every", "ckpt_every", "stop_at_step", "knn_every", "resume",
-                  "nproc", "dist_timeout", "compile", "precision", "fused"}
+                  "nproc", "dist_timeout", "compile", "precision", "fused", "loader", "hw_decoder_load",
+                  "ffcv_decode", "os_cache", "tensorboard"}
 
 
 class Diverged(RuntimeError):
@@ -78,8 +80,9 @@ def setup(cfg: Config, given: dict) -> tuple[Config, Path, torch.device, Dist, d
             dist_mod.barrier(dist)
     else:
         root = Path(cfg.data)
+    cfg.loader = choose_loader(cfg.loader, root, embedded=cfg.data is None)
     cfg = config_mod.resolve(cfg, device_type=device.type, embedded=cfg.data is None,
-                             native_side=native_size(root),
+                             native_side=native_side(cfg.loader, root),
                              local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     cfg.data = str(root)
     if cfg.batch_size % dist.world_size:
@@ -97,8 +100,9 @@ def build(cfg: Config, num_classes: int, device: torch.device, dist: Dist):
     """The unwrapped model, its optimizer and the step (DDP and compile wrap on top)."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = BYOL(cfg.arch, cfg.stem == "small", num_classes, cfg.proj_hidden, cfg.proj_dim)
-    if dist.enabled and device.type == "cuda" and cfg.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # global-batch statistics
+    if dist.enabled and cfg.sync_bn:  # global-batch statistics, on NCCL and gloo alike
+        from fastbyol.syncbn import convert_sync_batchnorm
+        model = convert_sync_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = LARS(lars_param_groups(model.online_parameters(), cfg.weight_decay),
                      momentum=cfg.momentum, weight_decay=cfg.weight_decay, trust_coef=cfg.trust_coef,
@@ -120,10 +124,11 @@ def train(cfg: Config, given: dict) -> dict:
         config_mod.save(cfg, out / "config.json")
     small = is_small(cfg)
     local_batch = cfg.batch_size // dist.world_size
-    loader = TorchvisionLoader(cfg.data, "train", batch_size=local_batch, image_size=cfg.image_size,
-                               small=small, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
-                               workers=cfg.workers, device=device,
-                               crop_scale=(cfg.crop_scale_min, 1.0), subset=cfg.subset)
+    options = options_for(cfg.loader, cfg)
+    loader = train_loader(cfg.loader, cfg.data, batch_size=local_batch, image_size=cfg.image_size,
+                          small=small, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
+                          workers=cfg.workers, device=device, dtype=view_dtype(cfg.precision, device),
+                          crop_scale=(cfg.crop_scale_min, 1.0), subset=cfg.subset, **options)
     model, optimizer, step_fn = build(cfg, loader.num_classes, device, dist)
 
     steps_per_epoch = len(loader)
@@ -134,7 +139,8 @@ def train(cfg: Config, given: dict) -> dict:
 
     def knn(encoder) -> float:
         return knn_eval(encoder, Path(cfg.data), cfg.image_size, loader.num_classes, device,
-                        cfg.knn_samples, cfg.knn_k, cfg.knn_temperature, cfg.workers, dist)
+                        cfg.knn_samples, cfg.knn_k, cfg.knn_temperature, cfg.workers, dist,
+                        loader=cfg.loader, options=options)
 
     if state is None:
         step, knn_random = 0, knn(model.online["encoder"])
@@ -149,11 +155,15 @@ def train(cfg: Config, given: dict) -> dict:
         log.info("resumed %s at step %d of %d", out, step, total_steps)
 
     def save_checkpoint():
+        # note: a host sync, once per checkpoint; a non-finite parameter never reaches the file.
+        # Every rank checks and takes the same decision, so none is left waiting in a collective.
+        finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all().float()
+        if dist.enabled:
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if not finite.item():
+            raise Diverged(f"non-finite parameters at step {step}; kept {out / 'checkpoint.pt'}")
         if not dist.is_main:
             return
-        # note: a host sync, once per checkpoint; a non-finite parameter never reaches the file
-        if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
-            raise Diverged(f"non-finite parameters at step {step}; kept {out / 'checkpoint.pt'}")
         ckpt_io.save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
                                  rng=ckpt_io.rng_state(), config=dataclasses.asdict(cfg),
                                  num_classes=loader.num_classes, knn_random_init=knn_random,
@@ -163,13 +173,13 @@ def train(cfg: Config, given: dict) -> dict:
                                               batch=step % steps_per_epoch)), out / "checkpoint.pt")
 
     if dist.is_main:
-        images = (f"{len(loader.indices)} images (a fixed subset of {len(loader.samples)})"
-                  if len(loader.indices) < len(loader.samples) else f"{len(loader.samples)} images")
+        images = (f"{len(loader.indices)} images (a fixed subset of {loader.dataset_size})"
+                  if len(loader.indices) < loader.dataset_size else f"{loader.dataset_size} images")
         log.info("training %s (%s stem, %d px views) on %s: %s, %d classes, global batch %d, "
-                 "%d steps (%.3g epochs), peak lr %.3g, tau_base %.4g, wd %.3g, %s",
+                 "%d steps (%.3g epochs), peak lr %.3g, tau_base %.4g, wd %.3g, %s, loader %s",
                  cfg.arch, cfg.stem, cfg.image_size, cfg.data, images, loader.num_classes, cfg.batch_size, total_steps, cfg.epochs, peak_lr, cfg.tau_base,
                  cfg.weight_decay, f"{dist.world_size} x {device}, {cfg.precision}, compile "
-                 f"{cfg.compile}")
+                 f"{cfg.compile}", cfg.loader)
     metrics_file = open(out / "metrics.jsonl", "a") if dist.is_main else None
     bar = tqdm(total=stop * cfg.batch_size, initial=step * cfg.batch_size, unit="img",
                unit_scale=True, desc="BYOL", dynamic_ncols=True, mininterval=1.0,

@@ -39,3 +39,14 @@ def make_image_folder(root: Path, classes: int = 2, train_per_class: int = 32, v
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("tiny"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` need a GPU: skipped here, run by benchmarks/gpu.sh's cuda-tests stage."""
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)

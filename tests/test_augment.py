@@ -9,7 +9,7 @@ import torchvision.transforms.v2.functional as F
 
 from fastbyol.kernels.augment import (normalize, photometric_batched, photometric_reference,
                                       photometric_reference_batch)
-from fastbyol.pipelines.views import (IMAGENET_MEAN, IMAGENET_STD, JITTER_OPS, ViewParams, ViewSpec,
+from fastbyol.views import (IMAGENET_MEAN, IMAGENET_STD, JITTER_OPS, ViewParams, ViewSpec,
                                       byol_view_specs, sample_view_params)
 
 SPEC = ViewSpec(size=64)  # blur kernel 7
@@ -176,7 +176,7 @@ def assert_equal_per_sample(batched: torch.Tensor, reference: torch.Tensor) -> N
     assert not differ.any(), f"samples {differ.nonzero().flatten().tolist()} differ"
 
 
-CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))
+CUDA = pytest.param("cuda", marks=pytest.mark.cuda)
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])  # on a GPU, against the CPU reference

@@ -382,7 +382,7 @@ def test_bench_convert_smoke(tmp_path):
     result_path = tmp_path / "convert-smoke.json"
     command = [sys.executable, "-m", "fastbyol.bench", "convert", "--replicate", "300", "--workers", "2",
                "--fidelity-samples", "5", "--json", str(result_path)]
-    done = subprocess.run(command, cwd=Path(bench.__file__).parents[1], capture_output=True, text=True,
+    done = subprocess.run(command, cwd=Path(bench.__file__).parents[2], capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "vs FFCV writer" in done.stdout

@@ -12,8 +12,8 @@ from PIL import Image
 import fastbyol.pipelines.torchvision as tvp
 from fastbyol import InputError
 from fastbyol.kernels.augment import normalize, photometric_reference
-from fastbyol.pipelines.torchvision import EvalLoader, TorchvisionLoader, decode_image, native_size
-from fastbyol.pipelines.views import epoch_batches, sample_view_params
+from fastbyol.pipelines.torchvision import EvalLoader, TorchvisionLoader, decode_image, native_side
+from fastbyol.views import epoch_batches, sample_view_params
 
 ORIENTATION = "oddjpegs/dali_extra/imgcodec/jpeg/orientation"
 REFTEST = "oddjpegs/jpeg_decoder/reftest/images"
@@ -135,8 +135,8 @@ def test_missing_or_empty_input_names_the_path(tmp_path, folder):
 
 
 def test_native_size_is_the_largest_side(folder, odd_folder):
-    assert native_size(folder) == 48
-    assert native_size(odd_folder) == 640
+    assert native_side(folder) == 48
+    assert native_side(odd_folder) == 640
 
 
 # ---- Decoding -----------------------------------------------------------------------------------

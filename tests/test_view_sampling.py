@@ -9,7 +9,7 @@ import torchvision.transforms as T
 from scipy import stats
 
 from conftest import ALPHA
-from fastbyol.pipelines.views import (VIEW_DRAWS, ViewSpec, byol_view_specs, philox4x64,
+from fastbyol.views import (VIEW_DRAWS, ViewSpec, byol_view_specs, philox4x64,
                                       sample_view_params, view_uniforms)
 
 DRAWS = 20_000

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as nnf
 import torchvision.transforms.v2.functional as F
 
-from fastbyol.pipelines.views import IMAGENET_MEAN, IMAGENET_STD, ViewParams, ViewSpec
+from fastbyol.views import IMAGENET_MEAN, IMAGENET_STD, ViewParams, ViewSpec
 
 # Indexed by ViewParams.order entries, in views.JITTER_OPS order.
 _JITTER_FNS = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
@@ -196,3 +196,12 @@ def normalize(batch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     mean, std = _on_device("mean", batch.device), _on_device("std", batch.device)
     x = batch.contiguous(memory_format=torch.channels_last).float()
     return ((x / 255 - mean) / std).to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+def photometric(images: torch.Tensor, params: ViewParams, spec: ViewSpec,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The whole colour stage of one view for a uint8 (N, 3, S, S) batch, sample i with
+    params.row(i): uint8 (N, 3, S, S) when dtype is None, else normalized to dtype, channels_last.
+    Every loader calls this one function. For now the torch twin on every device."""
+    out = photometric_batched(images, params, spec)
+    return out if dtype is None else normalize(out, dtype)

@@ -24,8 +24,9 @@ from torchvision.transforms import InterpolationMode
 
 from fastbyol import InputError
 from fastbyol.kernels.augment import normalize, photometric_batched, photometric_reference_batch
-from fastbyol.pipelines.views import (ViewParams, ViewSpec, Views, byol_view_specs, epoch_batches,
-                                      fixed_subset, sample_view_params)
+from fastbyol.kernels.crop_resize import crop_and_flip
+from fastbyol.views import (ViewParams, ViewSpec, Views, byol_view_specs, epoch_batches, fixed_subset,
+                            sample_view_params, view_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def scan_image_folder(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
     return classes, samples
 
 
-def native_size(root: str | os.PathLike, split: str = "train", probe: int = 16) -> int:
+def native_side(root: str | os.PathLike, split: str = "train", probe: int = 16) -> int:
     """The largest side among the first `probe` images that open (headers only), from which the
     trainer decides small-image mode (<= 64 px)."""
     _, samples = scan_image_folder(split_folder(root, split))
@@ -172,15 +173,6 @@ def decode_batch(samples: list[tuple[str, int]], indices: list[int]
 
 # ---- Views --------------------------------------------------------------------------------------
 
-def crop_and_flip(img: torch.Tensor, box: list[int], flip: bool, size: int) -> torch.Tensor:
-    """The geometry of one BYOL view of a uint8 (3, H, W) image: crop `box` (top, left, height,
-    width: a ViewParams.crop row), bicubic antialiased resize to size x size, optional horizontal
-    flip. Returns uint8 (3, size, size)."""
-    view = F.resized_crop(img, *box, size=[size, size], interpolation=InterpolationMode.BICUBIC,
-                          antialias=True)
-    return F.horizontal_flip(view) if flip else view
-
-
 # TorchvisionLoader's photometric modes: the colour stage each applies to a uint8 batch of views.
 PHOTOMETRIC = {"batched": photometric_batched, "reference": photometric_reference_batch}
 
@@ -241,17 +233,22 @@ class _FolderLoader:
     """What the training and evaluation loaders share: the scanned split, the device, the DataLoader
     settings, and the bad-file report (`bad_files`: path -> times met; each path logged once)."""
 
-    def __init__(self, root: str | os.PathLike, split: str, workers: int, device: str | torch.device):
+    def __init__(self, root: str | os.PathLike, split: str, workers: int, device: str | torch.device,
+                 dtype: torch.dtype | None):
         self.root, self.split = Path(root), split
         self.classes, self.samples = scan_image_folder(split_folder(root, split))
         self.workers = workers
         self.device = torch.device(device)
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.dtype = dtype or view_dtype("bf16", self.device)
         self.bad_files: Counter[str] = Counter()
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def dataset_size(self) -> int:
+        return len(self.samples)
 
     def _run(self, dataset: Dataset, batches: list[list[int]]) -> Iterator[tuple]:
         """Yield dataset[batch] for each batch (all but its bad files, which are reported)."""
@@ -277,7 +274,8 @@ class _FolderLoader:
 
 class TorchvisionLoader(_FolderLoader):
     """BYOL training views from an ImageFolder split. `epoch(e)` yields this rank's `Views` batches;
-    len() is the number of batches per epoch (the same on every rank). `subset` > 0 trains on a fixed
+    len() is the number of batches per epoch (the same on every rank). `dtype`: the views' dtype
+    (views.view_dtype of the step's precision; None: bf16 on GPUs, fp32 on the CPU). `subset` > 0 trains on a fixed
     random subset of that many images (keyed by seed); Views.index still names dataset indices.
 
     photometric="batched" (the default) runs the colour stage as photometric_batched: with a GPU
@@ -290,10 +288,10 @@ class TorchvisionLoader(_FolderLoader):
                  image_size: int = 224, small: bool = False, seed: int = 0, rank: int = 0,
                  world_size: int = 1, workers: int = 0, device: str | torch.device = "cpu",
                  crop_scale: tuple[float, float] = (0.08, 1.0), subset: int = 0,
-                 photometric: str = "batched"):
+                 dtype: torch.dtype | None = None, photometric: str = "batched"):
         if photometric not in PHOTOMETRIC:
             raise ValueError(f"photometric={photometric!r}: expected one of {tuple(PHOTOMETRIC)}")
-        super().__init__(root, split, workers, device)
+        super().__init__(root, split, workers, device, dtype)
         self.photometric = photometric
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.specs = byol_view_specs(image_size, small=small, scale=crop_scale)
@@ -331,8 +329,8 @@ class EvalLoader(_FolderLoader):
     def __init__(self, root: str | os.PathLike, split: str = "val", *, image_size: int,
                  batch_size: int, small: bool = False, workers: int = 0,
                  device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
-                 max_samples: int | None = None, seed: int = 0):
-        super().__init__(root, split, workers, device)
+                 max_samples: int | None = None, seed: int = 0, dtype: torch.dtype | None = None):
+        super().__init__(root, split, workers, device, dtype)
         self.image_size, self.batch_size, self.small = image_size, batch_size, small
         chosen = fixed_subset(len(self.samples), max_samples, seed)
         self.indices = chosen[rank * len(chosen) // world_size:(rank + 1) * len(chosen) // world_size]

@@ -19,13 +19,26 @@ JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 
 
 class Views(NamedTuple):
-    """One batch. v1, v2: (N, 3, S, S) normalized, channels_last, bf16 on GPU / fp32 on CPU.
-    labels: int64 (monitors only). index: int64 dataset index of each sample."""
+    """One batch. v1, v2: (N, 3, S, S) normalized, channels_last, in `view_dtype` (the step's compute
+    dtype). labels: int64 (monitors only). index: int64 dataset index of each sample."""
 
     v1: torch.Tensor
     v2: torch.Tensor
     labels: torch.Tensor
     index: torch.Tensor
+
+
+# The step's compute dtype for each --precision.
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def view_dtype(precision: str, device: torch.device | str) -> torch.dtype:
+    """The dtype every loader gives its views: the step's compute dtype on GPUs (bf16 views into
+    fp32 weights would fail the fp32 step), fp32 on the CPU, where the convolutions autocast
+    themselves and a bf16 input gains nothing. The one place this is decided."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    return PRECISIONS[precision] if torch.device(device).type == "cuda" else torch.float32
 
 
 @dataclass(frozen=True)
