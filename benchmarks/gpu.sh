@@ -12,8 +12,9 @@
 #   # kit: none|dali|ffcv    what ../shared/tools/devkit must have carried and unpacked first
 #   # data: PATH...          files or folders under ../shared/data that it reads (carried in .gpudata/)
 #   # about: TEXT            one line on what it measures
-# Each stage runs with OUT=$OUT/<stage>/ and writes its JSON there the moment it ends; its log and a
-# status.json (exit code, seconds) go there too, so a stage that fails or runs out costs only itself.
+# Each stage writes its JSON under $OUT the moment it ends, named <stage>*.json; its output goes to
+# $OUT/<stage>.log and a line {stage, exit code, seconds} to $OUT/status.jsonl, so a stage that fails
+# or runs out costs only itself. At most 8 files come back from a device call: one JSON per stage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stages_dir=benchmarks/stages
@@ -64,15 +65,17 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 [ -d .gpudata ] && export FASTBYOL_SHARED_DATA="$PWD/.gpudata"
 out_root=${OUT:-benchmarks/results/gpu}
+mkdir -p "$out_root"
 failed=0
 for stage in "${stages[@]}"; do
-  dir="$out_root/$stage"; mkdir -p "$dir"
   echo "=== stage $stage (timeout $(header "$stage" timeout) s) ==="
   start=$(date +%s)
-  OUT="$dir" timeout --kill-after 10 "$(header "$stage" timeout)" bash "$stages_dir/$stage.sh" 2>&1 | tee "$dir/log.txt"
+  OUT="$out_root" timeout --kill-after 10 "$(header "$stage" timeout)" bash "$stages_dir/$stage.sh" 2>&1 \
+    | tee "$out_root/$stage.log"
   rc=${PIPESTATUS[0]}
-  printf '{"stage": "%s", "exit_code": %d, "seconds": %d}\n' "$stage" "$rc" $(( $(date +%s) - start )) > "$dir/status.json"
-  echo "=== stage $stage: exit $rc after $(( $(date +%s) - start )) s ==="
-  [ $rc = 0 ] || failed=1
+  seconds=$(( $(date +%s) - start ))
+  printf '{"stage": "%s", "exit_code": %d, "seconds": %d}\n' "$stage" "$rc" "$seconds" >> "$out_root/status.jsonl"
+  echo "=== stage $stage: exit $rc after $seconds s ==="
+  [ "$rc" = 0 ] || failed=1
 done
 exit $failed
