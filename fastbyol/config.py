@@ -52,7 +52,7 @@ class Config:
     proj_dim: int | None = field(default=None, metadata=dict(help="projection size (256)"))
     # optimisation (None: the official preset nearest to --epochs)
     epochs: float | None = field(default=None, metadata=dict(help="training length (default 300; the "
-                                 "embedded data: 100 on a GPU, 3 on the CPU)"))
+                                 "embedded data: 3 on the CPU, a 5-minute --time-budget on a GPU)"))
     batch_size: int = field(default=256, metadata=dict(help="GLOBAL batch, split over ranks"))
     lr: float | None = field(default=None, metadata=dict(help="base lr, scaled by batch/256 (default: "
                              "the official preset nearest --epochs)"))
@@ -88,9 +88,12 @@ class Config:
     ckpt_every: int = field(default=200, metadata=dict(help="steps between checkpoints"))
     stop_at_step: int = field(default=0, metadata=dict(help="stop (with a checkpoint) after this "
                               "global step, keeping the full run's schedule; 0 = run to the end"))
-    time_budget: float = field(default=0.0, metadata=dict(help="minutes of wall time: the step count "
-                               "(and with it the whole schedule) is sized from the measured step "
-                               "rate so that the run ends inside it; 0 = use --epochs"))
+    time_budget: float = field(default=0.0, metadata=dict(help="minutes of wall time for the whole "
+                               "run (k-NN evaluations included): the step count, and with it the "
+                               "schedules, warm-up and preset, is sized from the step rate measured "
+                               "after compilation; 0 = use --epochs (the embedded data on a GPU: 5)"))
+    steps: int = field(default=0, metadata=dict(help="total optimizer steps, overriding --epochs; "
+                       "--time-budget resolves it and config.json records it (0 = from --epochs)"))
     tensorboard: bool = field(default=False, metadata=dict(help="also write the metrics as "
                               "TensorBoard scalars under OUT/tensorboard"))
     # monitoring
@@ -163,7 +166,7 @@ def validate(cfg: Config) -> None:
     for name in ("batch_size", "log_every", "ckpt_every", "knn_k"):
         if getattr(cfg, name) <= 0:
             bad(name, "must be a positive integer")
-    for name in ("subset", "stop_at_step", "knn_samples"):
+    for name in ("subset", "stop_at_step", "knn_samples", "steps"):
         if getattr(cfg, name) < 0:
             bad(name, "must be >= 0")
     for name in ("epochs", "lr", "image_size", "proj_hidden", "proj_dim", "knn_temperature",
@@ -187,6 +190,8 @@ def validate(cfg: Config) -> None:
         bad("ffcv_decode", "choose cpu or gpu")
     if not cfg.time_budget >= 0:
         bad("time_budget", "must be >= 0 (minutes)")
+    if cfg.time_budget and (cfg.steps or cfg.epochs):
+        bad("time_budget", "sizes the run itself: give it without --steps and --epochs")
     if cfg.nproc < 0:
         bad("nproc", "must be >= 0")
     if not cfg.dist_timeout > 0:
@@ -211,6 +216,8 @@ def validate(cfg: Config) -> None:
 # run (cache, two k-NN passes, training) ends within 10 minutes (BYOL_RECIPE.md, CPU reference point).
 CPU_DEMO = dict(arch="cnn4", epochs=3.0, lr=2.0, tau_base=0.99, weight_decay=1.5e-6,
                 proj_hidden=512, proj_dim=128)
+# The embedded default on a GPU: resnet18 for as many steps as 5 minutes allow.
+GPU_DEMO_BUDGET_MINUTES = 5.0
 
 
 def resolve(cfg: Config, *, device_type: str, embedded: bool, native_side: int,
@@ -222,14 +229,14 @@ def resolve(cfg: Config, *, device_type: str, embedded: bool, native_side: int,
         for key, value in CPU_DEMO.items():
             if getattr(cfg, key) is None:
                 setattr(cfg, key, value)
+    if embedded and device_type == "cuda" and not (cfg.time_budget or cfg.steps or cfg.epochs):
+        cfg.time_budget = GPU_DEMO_BUDGET_MINUTES
     if cfg.arch is None:
         cfg.arch = "resnet18" if embedded else "resnet50"
-    if cfg.epochs is None:  # the embedded data set is small: a demo, not a 300-epoch pretraining
-        cfg.epochs = 100.0 if embedded else 300.0
-    preset = preset_for_epochs(cfg.epochs)
-    for key in ("lr", "weight_decay", "tau_base"):
-        if getattr(cfg, key) is None:
-            setattr(cfg, key, preset[key])
+    if not budget_pending(cfg):  # else the length and the preset wait for the measured step rate
+        if cfg.epochs is None:  # the embedded data set is small: a demo, not a 300-epoch pretraining
+            cfg.epochs = 100.0 if embedded else 300.0
+        fill_preset(cfg)
     if cfg.image_size is None:
         cfg.image_size = 32 if native_side <= SMALL_IMAGE_MAX_SIDE else 224
     if cfg.stem == "auto":
@@ -243,6 +250,25 @@ def resolve(cfg: Config, *, device_type: str, embedded: bool, native_side: int,
     if cfg.compile is None:
         cfg.compile = "default" if device_type == "cuda" else "off"
     return cfg
+
+
+def budget_pending(cfg: Config) -> bool:
+    """--time-budget given and its step count not yet measured (a resumed run has it)."""
+    return bool(cfg.time_budget) and not cfg.steps
+
+
+def fill_preset(cfg: Config) -> None:
+    """lr, weight decay and tau_base left unset take the official preset nearest to --epochs."""
+    preset = preset_for_epochs(cfg.epochs)
+    for key in ("lr", "weight_decay", "tau_base"):
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, preset[key])
+
+
+def set_length(cfg: Config, steps: int, steps_per_epoch: int) -> None:
+    """A length measured by --time-budget: the step count, the epochs it makes, and their preset."""
+    cfg.steps, cfg.epochs = steps, steps / steps_per_epoch
+    fill_preset(cfg)
 
 
 def is_small(cfg: Config) -> bool:
