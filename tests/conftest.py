@@ -11,6 +11,27 @@ SHARED_DATA = Path(os.environ.get("FASTBYOL_SHARED_DATA", REPO.parent / "shared"
 ALPHA = 1e-3
 
 
+@pytest.fixture
+def significance(request):
+    """check(p, what) for a statistical test module that declares HYPOTHESES = {test function name:
+    (hypothesis tests per call, calls)}: fails when p <= ALPHA / M, M the module's total; at teardown,
+    a call that passed its checks must have run as many tests as HYPOTHESES declares, so the level
+    cannot drift from what the module does."""
+    hypotheses = request.module.HYPOTHESES
+    level = ALPHA / sum(per_call * calls for per_call, calls in hypotheses.values())
+    tested, rejected = [], []
+
+    def check(p_value: float, what: str) -> None:
+        tested.append(what)
+        if p_value <= level:
+            rejected.append(what)
+        assert p_value > level, f"{what}: p = {p_value:.3g} <= {level:.3g}"
+
+    yield check
+    if not rejected:
+        assert len(tested) == hypotheses[request.node.originalname][0], tested
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     assert SHARED_DATA.is_dir(), f"shared test data not found at {SHARED_DATA}"
