@@ -26,10 +26,12 @@ sample i). A clean baseline YCbCr JPEG within --max-side keeps its original byte
 image is decoded, turned upright, fitted within --max-side and stored as a JPEG of --jpeg-quality
 (see benchmarks/convert.md for the measurement behind keeping bytes).
 
---to dali writes, per split, the DALI file list OUT/<split>.txt: `<path> <label>` per line. Originals
-are relative to DIR; repaired copies (full size, upright, RGB, baseline JPEG) are written under
-OUT/repaired/, mirroring their DIR-relative path, and their lines, relative to OUT, start with
-`repaired/`. `dali_file_list` resolves a list to absolute paths.
+--to dali writes, per split, the DALI file list OUT/<split>.txt (`<path> <label>` per line) and beside
+it OUT/<split>_sizes.txt (`<height> <width> <bytes>` of each listed file: the upright image size the
+DALI loader's sampler needs before decoding, and the length that tells a file changed since); the
+format is fastbyol.dali_lists'. Originals are relative to DIR; repaired copies (full size, upright,
+RGB, baseline JPEG) are written under OUT/repaired/, mirroring their DIR-relative path, and their
+lines, relative to OUT, start with `repaired/`. `dali_file_list` resolves a list to absolute paths.
 
 Both targets write OUT/classes.json (a list: index -> class name) and OUT/report.json (`counts` per
 category, `reasons`, and `files`: every file that is not ok, with its category and reason).
@@ -62,6 +64,8 @@ from tqdm import tqdm
 
 import fastbyol
 from fastbyol import InputError
+from fastbyol.dali_lists import REPAIRED_DIR, Entry, write_split
+from fastbyol.dali_lists import file_list as dali_file_list  # noqa: F401  (the converter's reader)
 from fastbyol.pipelines.torchvision import is_hidden, to_rgb, walk_class_folder
 
 log = logging.getLogger("fastbyol.convert")
@@ -73,8 +77,7 @@ TARGETS = ("ffcv", "dali")
 DEFAULT_MAX_PIXELS = 89_478_485
 METADATA_ALLOWANCE = 64 * 1024  # bytes a kept JPEG may carry beyond its raw pixel size
 SPOOL_ORIGINALS_UP_TO = 64 * 1024  # kept JPEGs this small are copied to the checkpoint, larger ones re-read
-REPAIRED_DIR = "repaired"  # under OUT; also the prefix that marks a DALI list line as relative to OUT
-CHECKPOINT_FORMAT = 1      # bump when a record's meaning changes, so old checkpoints are not resumed
+CHECKPOINT_FORMAT = 2      # bump when a record's meaning changes, so old checkpoints are not resumed
 FFCV_APT_PACKAGES = "pkg-config libturbojpeg0-dev libopencv-dev"
 
 OK, REPAIRED, SKIPPED, IGNORED = "ok", "repaired", "skipped", "ignored"
@@ -421,6 +424,7 @@ def inspect_file(job: tuple[str, str], settings: Settings, copy_root: str | None
     destination = Path(copy_root) / record["copy"]
     destination.parent.mkdir(parents=True, exist_ok=True)
     destination.write_bytes(payload)
+    record["copy_size"] = len(payload)
     return record, None
 
 
@@ -629,31 +633,11 @@ def write_beton(path: Path, root: Path, samples: list[tuple[dict, int]], payload
 
 # ---- DALI file lists --------------------------------------------------------------------------------
 
-def dali_list_lines(samples: list[tuple[dict, int]]) -> list[str]:
-    """`<path> <label>` lines; DALI's reader takes the last whitespace-separated token as the label,
-    so paths may contain spaces, but not newlines."""
-    lines = []
-    for record, label in samples:
-        path = record.get("copy", record["path"])
-        if "\n" in path or "\r" in path:
-            raise InputError(f"{record['path']!r}: a file name with a line break cannot go in a "
-                             "DALI file list")
-        lines.append(f"{path} {label}")
-    return lines
-
-
-def dali_file_list(out: str | os.PathLike, split: str) -> list[tuple[str, int]]:
-    """(absolute path, label) for each line of OUT/<split>.txt: a line starting with repaired/ is
-    relative to OUT, any other line to the source folder DIR (recorded in OUT/report.json)."""
-    out = Path(out)
-    report = json.loads((out / "report.json").read_text())
-    source = Path(report["source"])
-    entries = []
-    for line in (out / f"{split}.txt").read_text().splitlines():
-        path, label = line.rsplit(maxsplit=1)
-        base = out if path.startswith(REPAIRED_DIR + "/") else source
-        entries.append((str(base / path), int(label)))
-    return entries
+def dali_entries(samples: list[tuple[dict, int]]) -> list[Entry]:
+    """The listed file of each usable sample (its repaired copy, if any), with its upright size and
+    its length in bytes."""
+    return [Entry(record.get("copy", record["path"]), label, record["height"], record["width"],
+                  record.get("copy_size", record["size"])) for record, label in samples]
 
 
 # ---- Report and summary -----------------------------------------------------------------------------
@@ -860,8 +844,7 @@ def convert(source: str | os.PathLike, target: str, out: str | os.PathLike | Non
                 "".join(record["path"] + "\n" for record, _ in samples))
             outputs += [f"{split.name}.beton", f"{split.name}_paths.txt"]
         else:
-            (partial_dir / f"{split.name}.txt").write_text("\n".join(dali_list_lines(samples)) + "\n")
-            outputs.append(f"{split.name}.txt")
+            outputs += write_split(partial_dir, split.name, dali_entries(samples))
     if target == "dali":
         (partial_dir / REPAIRED_DIR).mkdir(exist_ok=True)
         outputs.append(REPAIRED_DIR)
