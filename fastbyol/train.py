@@ -465,7 +465,7 @@ def size_to_budget(cfg: Config, loop: Loop, model, optimizer, step_fn, dist: Dis
     budget_s = 60 * cfg.time_budget
     margin = budget_margin(budget_s)
     step_s = calibrate(loop, model, optimizer, step_fn, min_seconds=max(1.0, 0.01 * budget_s),
-                       dist=dist)
+                       dist=dist, warmup=2 if cfg.compile == "off" else 5)
     t0 = time.perf_counter()
     if dist.is_main:  # what a checkpoint costs: the same write, to a scratch name
         scratch = out / "calibration.pt"
