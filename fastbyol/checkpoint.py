@@ -41,6 +41,10 @@ def load(path: Path, map_location="cpu") -> dict:
         raise InputError(f"no checkpoint at {path}")
     try:
         # Our own files: they hold config dicts and RNG states besides tensors.
-        return torch.load(path, map_location=map_location, weights_only=False)
+        state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # a truncated or foreign file
         raise InputError(f"{path}: not a readable fastbyol checkpoint ({exc})") from exc
+    if not isinstance(state, dict) or not {"model", "optimizer", "step", "config"} <= state.keys():
+        raise InputError(f"{path}: not a fastbyol training checkpoint (a torch file without its "
+                         "model, optimizer, step and config)")
+    return state

@@ -28,27 +28,6 @@ HYPOTHESES = {
     "test_keyed_streams_uniform_across_keys": (3, 1),
     "test_draws_within_a_sample_are_uncorrelated": (1, 1),
 }
-M = sum(per_call * calls for per_call, calls in HYPOTHESES.values())
-LEVEL = ALPHA / M
-
-
-@pytest.fixture
-def significance(request):
-    """check(p, what): fail when p <= ALPHA / M; at teardown, a call that passed its checks must
-    have run as many as HYPOTHESES declares."""
-    tested, rejected = [], []
-
-    def check(p_value: float, what: str) -> None:
-        tested.append(what)
-        if p_value <= LEVEL:
-            rejected.append(what)
-        assert p_value > LEVEL, f"{what}: p = {p_value:.3g} <= {LEVEL:.3g}"
-
-    yield check
-    if not rejected:
-        assert len(tested) == HYPOTHESES[request.node.originalname][0], tested
-
-
 def full(n: int, value: int) -> torch.Tensor:
     return torch.full((n,), value, dtype=torch.int64)
 

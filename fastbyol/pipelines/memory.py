@@ -397,8 +397,8 @@ class MemoryEvalLoader(_MemoryLoader):
         if self.small:  # the whole image resized to size x size: crop_resize with the full box
             return crop_resize(images, boxes, torch.zeros_like(boxes[:, 0], dtype=torch.bool), self.image_size)
         # The shorter side resized, then a centre crop: not a crop box, so the reference's own ops.
-        crop = reference._EvalBatches([], self.image_size, small=False)._crop
-        return torch.stack([crop(images.image(i)) for i in range(len(images))])
+        return torch.stack([reference.eval_crop(images.image(i), self.image_size, small=False)
+                            for i in range(len(images))])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         indices = np.asarray(self.indices, dtype=np.int64)

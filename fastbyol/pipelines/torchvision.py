@@ -202,24 +202,25 @@ class _TrainBatches(Dataset):
         return views, params, labels, used, bad
 
 
+def eval_crop(img: torch.Tensor, size: int, small: bool) -> torch.Tensor:
+    """The deterministic evaluation view of a uint8 (3, H, W) image: small images resized to
+    size x size; others the standard ImageNet crop (shorter side to 256/224 of the size, centre)."""
+    if small:
+        return F.resize(img, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    img = F.resize(img, round(size * 256 / 224), interpolation=InterpolationMode.BICUBIC, antialias=True)
+    return F.center_crop(img, [size, size])
+
+
 class _EvalBatches(Dataset):
     """Item `indices`: the deterministic evaluation crops of one batch of images."""
 
     def __init__(self, samples: list[tuple[str, int]], image_size: int, small: bool):
         self.samples, self.image_size, self.small = samples, image_size, small
 
-    def _crop(self, img: torch.Tensor) -> torch.Tensor:
-        size = self.image_size
-        if self.small:
-            return F.resize(img, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True)
-        # the standard ImageNet evaluation crop: shorter side to 256/224 of the size, centre
-        img = F.resize(img, round(size * 256 / 224), interpolation=InterpolationMode.BICUBIC,
-                       antialias=True)
-        return F.center_crop(img, [size, size])
-
     def __getitem__(self, indices: list[int]):
         images, labels, used, bad = decode_batch(self.samples, indices)
-        return torch.stack([self._crop(img) for img in images]), labels, used, bad
+        return (torch.stack([eval_crop(img, self.image_size, self.small) for img in images]), labels,
+                used, bad)
 
 
 def _as_is(batch):
