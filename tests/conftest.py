@@ -1,4 +1,6 @@
+import hashlib
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,23 @@ def significance(request):
     yield check
     if not rejected:
         assert len(tested) == hypotheses[request.node.originalname][0], tested
+
+
+def free_port() -> int:
+    """A TCP port the OS says is free now (bind to port 0), for a test's process group."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def own_cache(monkeypatch, tmp_path_factory, request):
+    """Every test gets its own FASTBYOL_CACHE (created only if used; inherited by the processes it
+    starts): no test reads, writes or races another run's ~/.cache/fastbyol."""
+    name = "".join(c if c.isalnum() else "-" for c in request.node.name)[:60]
+    unique = hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:10]
+    cache = tmp_path_factory.getbasetemp() / "caches" / f"{name}-{unique}"
+    monkeypatch.setenv("FASTBYOL_CACHE", str(cache))
 
 
 @pytest.fixture(scope="session")

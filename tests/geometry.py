@@ -61,7 +61,8 @@ def asymmetric_folder(root: Path, per_class: int = 4) -> Path:
             folder.mkdir(parents=True)
             for i in range(per_class):
                 h, w = ASYMMETRIC_SIZES[k % len(ASYMMETRIC_SIZES)]
-                Image.fromarray(asymmetric_image(h, w, seed=k).permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+                pixels = asymmetric_image(h, w, seed=k).permute(1, 2, 0).numpy()
+                Image.fromarray(pixels).save(folder / f"{i}.png")
                 k += 1
     return root
 
