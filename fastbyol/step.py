@@ -22,8 +22,10 @@ class BYOLStep:
     (checkpoints and the EMA always use the unwrapped `model`).
 
     fused=True: the multi-tensor EMA, False: its per-parameter twin; LARS runs as the optimizer was built
-    (LARS(foreach=...)). Both reference twins make the plain baseline of the benchmarks. precision: bf16 autocast (default on GPUs), fp16 autocast with loss
-    scaling (GPUs without bf16), or fp32; master weights are fp32 in every case."""
+    (LARS(foreach=...)). Both reference twins make the plain steps of the benchmarks. precision: bf16
+    autocast (default on GPUs), fp16 autocast with loss scaling (GPUs without bf16), or fp32; master
+    weights are fp32 in every case. compile: off, or a torch.compile mode for the forward+loss and
+    for the update; reduce-overhead captures them as CUDA graphs."""
 
     def __init__(self, model: BYOL, optimizer: LARS, net: nn.Module | None = None, *,
                  precision: str = "fp32", compile: str = "off", fused: bool = True,
@@ -44,8 +46,16 @@ class BYOLStep:
         self.lr = torch.zeros((), device=self.device)
         self.tau = torch.zeros((), device=self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+        self.cudagraphs = compile == "reduce-overhead"
         forward, update = net or model, self._update
         if compile != "off":
+            # What the update writes must keep one address for a CUDA graph to capture it (else
+            # reduce-overhead skips the graph): the momentum buffers, the target and the BN buffers
+            # it copies. lr and tau are read each replay from theirs. Parameters are static already.
+            # Each of these tensors lives as long as the step (load_state_dict copies into them).
+            for tensor in [self.lr, self.tau, *(b for _, _, bufs in self.groups for b in bufs),
+                           *model.buffers()]:
+                torch._dynamo.mark_static_address(tensor)
             mode = None if compile == "default" else compile
             forward = torch.compile(forward, mode=mode, backend=backend)
             update = torch.compile(update, mode=mode, backend=backend)
@@ -61,14 +71,21 @@ class BYOLStep:
                  tau: float) -> torch.Tensor:
         """Returns the step's metrics as one device tensor: total loss, BYOL loss, probe loss, probe
         accuracy. Reading it is the caller's host sync, at log intervals."""
+        if self.cudagraphs:  # a new iteration: the graphs may reuse the last step's output memory
+            torch.compiler.cudagraph_mark_step_begin()
         self.lr.fill_(lr)  # a scalar fill kernel, not a host sync
         self.tau.fill_(tau)
         for group in self.optimizer.param_groups:  # what a saved optimizer state then records
             group["lr"] = lr
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             loss, byol, probe_loss, probe_acc = self.forward(v1, v2, labels)
-        for p in self.model.parameters():
-            p.grad = None
+        # Zeroed in place, never set to None: under DDP with gradient_as_bucket_view the gradients
+        # are views into its all-reduce buckets, and a None would cost a copy into them per step.
+        # (The first step has none yet; a DDP bucket rebuild may replace them once, so the update
+        # reads p.grad afresh every step.)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_zero_(grads)
         if self.scaler is None:
             loss.backward()
             self.update(self.lr, self.tau)
