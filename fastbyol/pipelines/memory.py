@@ -10,8 +10,9 @@ refused with an InputError pointing at `--loader dali|ffcv`.
 Each training batch is then: this rank's `epoch_batches` order -> `sample_view_params` on the host
 (the reference loader's keys: the same crop boxes, flips and colour parameters for (seed, epoch,
 index)) -> crop_resize -> photometric on the device, one batch ahead on a side stream
-(fastbyol.pipelines.prefetch). On the CPU the pixels equal the reference loader's bit for bit; on a
-GPU they are within the kernels' tolerances.
+(fastbyol.pipelines.prefetch). On the CPU, where the engine is CPU work, worker processes make the
+views beside the step, as the reference loader's workers do, and the pixels equal the reference
+loader's bit for bit; on a GPU they are within the kernels' tolerances.
 
 Bad files are handled as the reference handles them: a file that does not decode is counted in
 `bad_files` and logged once, and the next index (cyclically) that decodes stands in for it wherever
@@ -340,7 +341,8 @@ class _MemoryLoader:
 class MemoryLoader(_MemoryLoader):
     """BYOL training views from the resident split (the interface of fastbyol.pipelines): `epoch(e)`
     yields this rank's Views, the reference loader's for the same arguments. `workers` decode at
-    start-up; afterwards the host only draws parameters."""
+    start-up; afterwards, on a GPU, the host only draws parameters (on the CPU, `workers` also make
+    the views, as the reference loader's do)."""
 
     def __init__(self, root: str | os.PathLike, split: str = "train", *, batch_size: int,
                  image_size: int = 224, small: bool = False, seed: int = 0, rank: int = 0,
@@ -349,6 +351,7 @@ class MemoryLoader(_MemoryLoader):
                  dtype: torch.dtype | None = None):
         super().__init__(root, split, workers, device, dtype, progress=rank == 0)
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.workers = workers
         self.specs = byol_view_specs(image_size, small=small, scale=crop_scale)
         self.indices = fixed_subset(len(self.resident), subset or None, seed)
         if len(self) == 0:
@@ -358,22 +361,45 @@ class MemoryLoader(_MemoryLoader):
     def __len__(self) -> int:
         return len(self.indices) // (self.batch_size * self.world_size)
 
-    def _job(self, epoch: int, batch: np.ndarray) -> ViewJob:
-        resident = self.resident
-        used = resident.stand_in[batch]
-        heights, widths = torch.from_numpy(resident.heights[used]), torch.from_numpy(resident.widths[used])
-        params = tuple(sample_view_params(self.seed, epoch, used, view, spec, heights, widths)
-                       for view, spec in enumerate(self.specs))
-        return ViewJob(resident.packed(used), params, torch.from_numpy(resident.labels[used]),
-                       torch.from_numpy(used))
-
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Views]:
         """This rank's batches of epoch `epoch`, from batch `start_batch` on."""
         indices = np.asarray(self.indices, dtype=np.int64)
-        positions = epoch_batches(len(indices), self.batch_size, self.world_size, self.rank, self.seed,
-                                  epoch)[start_batch:]
-        jobs = (self._job(epoch, indices[batch]) for batch in positions)
+        batches = [indices[batch] for batch in epoch_batches(
+            len(indices), self.batch_size, self.world_size, self.rank, self.seed, epoch)[start_batch:]]
+        if self.device.type == "cpu":
+            return self._cpu_epoch(epoch, batches)
+        jobs = (view_job(self.resident, self.specs, self.seed, epoch, batch) for batch in batches)
         return prefetch(jobs, lambda job: crop_views(job, self.specs, self.dtype), self.device)
+
+    def _cpu_epoch(self, epoch: int, batches: list[np.ndarray]) -> Iterator[Views]:
+        """On the CPU the engine is CPU work like the step's: as in the reference loader, `workers`
+        processes (which inherit the resident images) make the uint8 views beside the step, and this
+        process normalizes them."""
+        loader = DataLoader(_CpuViews(self.resident, self.specs, self.seed, epoch), sampler=batches,
+                            batch_size=None, num_workers=self.workers, collate_fn=_as_is,
+                            generator=torch.Generator())
+        for views in loader:
+            yield views._replace(v1=normalize(views.v1, self.dtype), v2=normalize(views.v2, self.dtype))
+
+
+def view_job(resident: ResidentSplit, specs, seed: int, epoch: int, batch: np.ndarray) -> ViewJob:
+    """One batch's work for the engine: the images of `batch` (or their stand-ins) and both views'
+    parameters, keyed as the reference loader keys them."""
+    used = resident.stand_in[batch]
+    heights, widths = torch.from_numpy(resident.heights[used]), torch.from_numpy(resident.widths[used])
+    params = tuple(sample_view_params(seed, epoch, used, view, spec, heights, widths)
+                   for view, spec in enumerate(specs))
+    return ViewJob(resident.packed(used), params, torch.from_numpy(resident.labels[used]), torch.from_numpy(used))
+
+
+class _CpuViews(Dataset):
+    """Item `batch` (dataset indices): its uint8 Views, made from the resident images."""
+
+    def __init__(self, resident: ResidentSplit, specs, seed: int, epoch: int):
+        self.resident, self.specs, self.seed, self.epoch = resident, specs, seed, epoch
+
+    def __getitem__(self, batch: np.ndarray) -> Views:
+        return crop_views(view_job(self.resident, self.specs, self.seed, self.epoch, batch), self.specs, None)
 
 
 class MemoryEvalLoader(_MemoryLoader):
