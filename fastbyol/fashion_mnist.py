@@ -16,7 +16,8 @@ from fastbyol import InputError
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path("/usr/share/datasets/fashion-mnist")
+SOURCE = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+SOURCE_VARIABLE = "FASTBYOL_FASHION_MNIST"  # a folder of the four IDX .gz files, where Debian's is absent
 # Numbered so that ImageFolder's sorted class order is the data set's label order.
 CLASSES = ("0-tshirt-top", "1-trouser", "2-pullover", "3-dress", "4-coat", "5-sandal", "6-shirt",
            "7-sneaker", "8-bag", "9-ankle-boot")
@@ -40,16 +41,23 @@ def read_idx(path: Path) -> np.ndarray:
     return array.reshape(shape)
 
 
-def ensure_fashion_mnist(cache: Path | None = None, source: Path = SOURCE) -> Path:
-    """The ImageFolder root, built on first use. Written into a temporary folder and renamed, so an
-    interrupted build is redone rather than half-used."""
+def default_source() -> Path:
+    return Path(os.environ.get(SOURCE_VARIABLE) or SOURCE)
+
+
+def ensure_fashion_mnist(cache: Path | None = None, source: Path | None = None) -> Path:
+    """The ImageFolder root, built on first use from the IDX files in `source` (default: the folder
+    $FASTBYOL_FASHION_MNIST names, else Debian's). Written into a temporary folder and renamed, so
+    an interrupted build is redone rather than half-used."""
     root = (cache or default_cache()) / "fashion-mnist"
     if (root / "COMPLETE").exists():
         return root
+    source = source or default_source()
     missing = [name for pair in SPLITS.values() for name in pair if not (source / name).exists()]
     if missing:
         raise InputError(f"Fashion-MNIST not found in {source} (missing {missing[0]}): install it with "
-                         "`sudo apt-get install dataset-fashion-mnist`, or pass --data DIR")
+                         f"`sudo apt-get install dataset-fashion-mnist`, set {SOURCE_VARIABLE} to a "
+                         "folder of its four IDX .gz files, or pass --data DIR")
     tmp = root.with_name(root.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     for split, (images_file, labels_file) in SPLITS.items():

@@ -6,7 +6,8 @@ import torch
 import torchvision
 
 from fastbyol import train as train_mod
-from fastbyol.fashion_mnist import ensure_fashion_mnist
+from fastbyol import config as config_mod
+from fastbyol.fashion_mnist import CLASSES, SPLITS, ensure_fashion_mnist
 from fastbyol.model import small_stem
 from fastbyol.step import BYOLStep
 
@@ -105,3 +106,33 @@ def test_existing_run_needs_resume(tiny_folder, tmp_path, capsys):
 def test_fashion_mnist_missing_package_says_how_to_install(tmp_path):
     with pytest.raises(Exception, match="apt-get install dataset-fashion-mnist"):
         ensure_fashion_mnist(tmp_path / "cache", source=tmp_path / "nowhere")
+
+
+def test_fashion_mnist_folder_from_the_environment(tmp_path, monkeypatch):
+    """A machine without the Debian package points FASTBYOL_FASHION_MNIST at the four IDX files."""
+    import gzip
+    import numpy as np
+    source = tmp_path / "idx"
+    source.mkdir()
+    rng = np.random.default_rng(0)
+    for split, (images, labels) in SPLITS.items():
+        count = 12 if split == "train" else 4
+        pixels, classes = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8), np.arange(count) % 10
+        with gzip.open(source / images, "wb") as f:  # IDX: magic (0, 0, uint8, ndim), sizes, data
+            f.write(bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in pixels.shape) + pixels.tobytes())
+        with gzip.open(source / labels, "wb") as f:
+            f.write(bytes([0, 0, 8, 1]) + count.to_bytes(4, "big") + classes.astype(np.uint8).tobytes())
+    monkeypatch.setenv("FASTBYOL_FASHION_MNIST", str(source))
+    root = ensure_fashion_mnist(tmp_path / "cache")
+    assert len(list((root / "train").glob("*/*.png"))) == 12 and len(list((root / "val").glob("*/*.png"))) == 4
+    assert sorted(p.name for p in (root / "train" / CLASSES[3]).iterdir()) == ["00003.png"]
+
+
+def test_embedded_default_on_a_gpu_is_a_five_minute_budget():
+    cfg = config_mod.resolve(config_mod.Config(), device_type="cuda", embedded=True, native_side=28)
+    assert cfg.time_budget == 5.0 and cfg.arch == "resnet18" and cfg.epochs is None and cfg.steps == 0
+    cpu = config_mod.resolve(config_mod.Config(), device_type="cpu", embedded=True, native_side=28)
+    assert cpu.time_budget == 0 and cpu.epochs == 3.0 and cpu.arch == "cnn4"
+    given = config_mod.resolve(config_mod.Config(epochs=10.0), device_type="cuda", embedded=True,
+                               native_side=28)
+    assert given.time_budget == 0 and given.epochs == 10.0
