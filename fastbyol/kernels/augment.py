@@ -2,7 +2,8 @@
 
 photometric_reference is the obviously-right twin: torchvision's tensor ops on one uint8 image, which
 round to uint8 after every op. photometric_batched does the same to a whole batch at once, each sample
-with its own params, and is tested equal to it; so will be any fused kernel.
+with its own params, and is tested equal to it. The Triton kernels at the end do the whole stage in
+four launches, and are held to stated tolerances against the reference (tests/test_kernels_triton.py).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as nnf
 import torchvision.transforms.v2.functional as F
 
+from fastbyol.kernels.triton_launch import host_table, launch, tl, triton, use_triton
 from fastbyol.views import IMAGENET_MEAN, IMAGENET_STD, ViewParams, ViewSpec
 
 # Indexed by ViewParams.order entries, in views.JITTER_OPS order.
@@ -199,9 +201,308 @@ def normalize(batch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def photometric(images: torch.Tensor, params: ViewParams, spec: ViewSpec,
-                dtype: torch.dtype | None = None) -> torch.Tensor:
+                dtype: torch.dtype | None = None, *, backend: str | None = None) -> torch.Tensor:
     """The whole colour stage of one view for a uint8 (N, 3, S, S) batch, sample i with
     params.row(i): uint8 (N, 3, S, S) when dtype is None, else normalized to dtype, channels_last.
-    Every loader calls this one function. For now the torch twin on every device."""
-    out = photometric_batched(images, params, spec)
-    return out if dtype is None else normalize(out, dtype)
+    Every loader calls this one function. The Triton kernels on CUDA tensors, the torch twin
+    elsewhere (backend: see fastbyol.kernels.triton_launch.use_triton). params may stay on the CPU."""
+    if not use_triton(backend, images.device):
+        out = photometric_batched(images, params, spec)
+        return out if dtype is None else normalize(out, dtype)
+    return _photometric_triton(images, params, spec, dtype)
+
+
+# ---- The Triton kernels ---------------------------------------------------------------------------
+# Four launches per view: the mean gray each contrast op needs (after the ops before it, recomputed),
+# the jitter in each sample's order and the grayscale, the blur's row pass, and the blur's column
+# pass with solarize and normalize. Each op repeats the twin's float32 operations in its order; the
+# fused multiply-adds torchvision's CPU ops perform are written out (in float64, where these operands
+# make them exact), and the compiler may fuse nothing else. Per-sample values are (BLOCK_N, 1, 1)
+# arrays: on a GPU one program takes a tile of rows of one sample; the interpreter, whose cost is per
+# program and op, takes the whole batch in one program.
+
+_PARAM_COLUMNS = 14  # jitter, 4 factors, 4 order entries, gray, blur, sigma, solarize, blur slot
+
+
+def _param_table(params: ViewParams, device: torch.device) -> torch.Tensor:
+    """The kernels' per-sample parameters, one float32 row per sample; the last column lists the
+    samples that blur first (stable), so that the blur's launches can cover only those."""
+    blur_first = torch.argsort((~params.blur).to(torch.uint8), stable=True)
+    return host_table([params.jitter, *params.factors.unbind(1), *params.order.unbind(1), params.gray,
+                       params.blur, params.sigma, params.solarize, blur_first], torch.float32, device)
+
+
+@functools.cache
+def _blur_grid(size: int, device: torch.device) -> torch.Tensor:
+    """torchvision's Gaussian kernel abscissae (linspace over +-(size - 1) / (2 sqrt 2)), float32."""
+    lim = (size - 1) / (2.0 * math.sqrt(2.0))
+    return torch.linspace(-lim, lim, steps=size, dtype=torch.float32).to(device)
+
+
+def _photometric_triton(images: torch.Tensor, params: ViewParams, spec: ViewSpec,
+                        dtype: torch.dtype | None) -> torch.Tensor:
+    n, channels, height, width = images.shape
+    device = images.device
+    if dtype is None:
+        out = torch.empty(n, 3, height, width, dtype=torch.uint8, device=device)
+    else:
+        out = torch.empty(n, 3, height, width, dtype=dtype, device=device,
+                          memory_format=torch.channels_last)
+    if n == 0:
+        return out
+    table = _param_table(params, device)
+    sums = torch.zeros(n, dtype=torch.int32, device=device)
+    colour = torch.empty(n, 3, height, width, dtype=torch.uint8, device=device)
+    rows = torch.empty(n, 3, height, width, dtype=torch.float32, device=device)
+    grid_points = _blur_grid(spec.blur_kernel, device)
+    block_cols = triton.next_power_of_2(width)
+    if device.type == "cuda":
+        samples, block_rows = 1, 8
+    else:
+        samples, block_rows = min(triton.next_power_of_2(n), 64), triton.next_power_of_2(height)
+    grid = (triton.cdiv(n, samples), triton.cdiv(height, block_rows))
+    blocks = dict(BLOCK_N=samples, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
+    for mean_pass, dst in ((True, sums), (False, colour)):
+        launch(_jitter_kernel, grid, device, images, dst, table, sums, n, height, width,
+               *images.stride(), MEAN_PASS=mean_pass, **blocks)
+    # The blur covers the samples that blur; its programs beyond them find nothing to do. Counting
+    # them would sync with the device when params live there, so then every slot is launched.
+    blurred = int(params.blur.sum()) if params.blur.device.type == "cpu" else n
+    blur_grid = (triton.cdiv(blurred, samples), grid[1])
+    launch(_blur_rows_kernel, blur_grid, device, colour, rows, table, grid_points, blurred, height,
+           width, KSIZE=spec.blur_kernel, **blocks)
+    for blur, slots, launch_grid in ((True, blurred, blur_grid), (False, n, grid)):
+        if slots:
+            launch(_finish_kernel, launch_grid, device, colour, rows, out, table, grid_points, slots,
+                   height, width, *out.stride(), *IMAGENET_MEAN, *IMAGENET_STD, KSIZE=spec.blur_kernel,
+                   BLUR=blur, NORMALIZE=dtype is not None, **blocks)
+    return out
+
+
+if triton is not None:
+    # torchvision's luma weights, as the float32 values its float32 ops use.
+    _LUMA_R = tl.constexpr(float(torch.tensor(0.2989)))
+    _LUMA_G = tl.constexpr(float(torch.tensor(0.587)))
+    _LUMA_B = tl.constexpr(float(torch.tensor(0.114)))
+    _TINY = tl.constexpr(torch.finfo(torch.float32).tiny)
+    _COLS = tl.constexpr(_PARAM_COLUMNS)
+
+    @triton.jit
+    def _fma_tl(a, b, c):
+        """a * b + c rounded once to float32, as the CPU's FMA: for these operands (an 8-bit integer
+        or a float32 mean times a float32 factor) the float64 product is exact."""
+        b = (tl.zeros_like(a) + b).to(tl.float64)  # b may be a float32 constant
+        return (a.to(tl.float64) * b + c.to(tl.float64)).to(tl.float32)
+
+    @triton.jit
+    def _luma_tl(r, g, b):
+        """rgb_to_grayscale on uint8 values: r*0.2989 + g*0.587 + b*0.114 as torchvision's
+        mul/add_(alpha) computes it (two FMAs), truncated to an integer."""
+        return tl.floor(_fma_tl(b, _LUMA_B, _fma_tl(g, _LUMA_G, r * _LUMA_R)))
+
+    @triton.jit
+    def _to_uint8_tl(x):
+        """Clamp to [0, 255] and truncate, as torchvision's _blend does."""
+        return tl.floor(tl.minimum(tl.maximum(x, 0.0), 255.0))
+
+    @triton.jit
+    def _hue_tl(r, g, b, shift):
+        """adjust_hue on uint8 values, the twin's _hue operation for operation."""
+        r = r * (1.0 / 255)
+        g = g * (1.0 / 255)
+        b = b * (1.0 / 255)
+        value = tl.maximum(tl.maximum(r, g), b)
+        low = tl.minimum(tl.minimum(r, g), b)
+        chroma = value - low
+        saturation = tl.math.div_rn(chroma, tl.maximum(value, _TINY))
+        divisor = tl.maximum(chroma, _TINY)
+        rc = tl.math.div_rn(value - r, divisor)
+        gc = tl.math.div_rn(value - g, divisor)
+        bc = tl.math.div_rn(value - b, divisor)
+        hue = tl.where(value == r, bc - gc, tl.where(value == g, (rc + 2.0) - bc, (gc + 4.0) - rc))
+        hue = hue * (1.0 / 6.0) + 1.0
+        hue = (hue - tl.floor(hue)) + shift
+        hue = hue - tl.floor(hue)
+        h6 = hue * 6.0
+        sector = tl.floor(h6)
+        fraction = h6 - sector
+        sxf = saturation * fraction
+        one_minus_s = 1.0 - saturation
+        q = tl.minimum(tl.maximum((1.0 - sxf) * value, 0.0), 1.0)
+        t = tl.minimum(tl.maximum((sxf + one_minus_s) * value, 0.0), 1.0)
+        p = tl.minimum(tl.maximum(one_minus_s * value, 0.0), 1.0)
+        k = sector.to(tl.int32)  # 0..6, 6 being sector 0 again
+        r = tl.where((k == 0) | (k >= 5), value, tl.where(k == 1, q, tl.where(k == 4, t, p)))
+        g = tl.where((k == 1) | (k == 2), value, tl.where(k == 3, q, tl.where((k == 4) | (k == 5), p, t)))
+        b = tl.where((k == 3) | (k == 4), value, tl.where(k == 5, q, tl.where(k == 2, t, p)))
+        scale = 255 + 1.0 - 1e-3  # to_dtype's float -> uint8 scaling, truncated
+        return tl.floor(r * scale), tl.floor(g * scale), tl.floor(b * scale)
+
+    @triton.jit
+    def _jitter_kernel(src_ptr, dst_ptr, table_ptr, sums_ptr, n, height, width, s_n, s_c, s_h, s_w,
+                       MEAN_PASS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                       BLOCK_COLS: tl.constexpr):
+        """Colour jitter in each sample's order, then grayscale, uint8 (n, 3, H, W) -> dst. MEAN_PASS:
+        only the ops before contrast, adding each sample's integer gray sum into sums_ptr."""
+        sid = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None, None]
+        valid = sid < n
+        sid = tl.where(valid, sid, 0).to(tl.int64)
+        rows = tl.program_id(1) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)[None, :, None]
+        cols = tl.arange(0, BLOCK_COLS)[None, None, :]
+        live = valid & (rows < height) & (cols < width)
+        at = src_ptr + sid * s_n + rows * s_h + cols * s_w
+        r = tl.load(at, mask=live, other=0).to(tl.float32)
+        g = tl.load(at + s_c, mask=live, other=0).to(tl.float32)
+        b = tl.load(at + 2 * s_c, mask=live, other=0).to(tl.float32)
+        prm = table_ptr + sid * _COLS
+        jitter = tl.load(prm) != 0.0
+        bright, contrast, sat, shift = tl.load(prm + 1), tl.load(prm + 2), tl.load(prm + 3), tl.load(prm + 4)
+        contrast_at = tl.zeros([BLOCK_N, 1, 1], dtype=tl.int32)
+        for p in tl.static_range(4):
+            contrast_at += tl.where(tl.load(prm + 5 + p) == 1.0, p, 0)
+        mean = tl.math.div_rn(tl.load(sums_ptr + sid).to(tl.float32), (height * width).to(tl.float32))
+        for p in tl.static_range(3 if MEAN_PASS else 4):  # contrast is never preceded by 4 ops
+            op = tl.load(prm + 5 + p).to(tl.int32)
+            on = jitter & (p < contrast_at) if MEAN_PASS else jitter
+            hr, hg, hb = _hue_tl(r, g, b, shift)
+            gray = _luma_tl(r, g, b)
+            r = tl.where(on & (op == 0), _to_uint8_tl(r * bright),
+                         tl.where(on & (op == 1), _to_uint8_tl(_fma_tl(mean, 1.0 - contrast, r * contrast)),
+                                  tl.where(on & (op == 2), _to_uint8_tl(_fma_tl(gray, 1.0 - sat, r * sat)),
+                                           tl.where(on & (op == 3), hr, r))))
+            g = tl.where(on & (op == 0), _to_uint8_tl(g * bright),
+                         tl.where(on & (op == 1), _to_uint8_tl(_fma_tl(mean, 1.0 - contrast, g * contrast)),
+                                  tl.where(on & (op == 2), _to_uint8_tl(_fma_tl(gray, 1.0 - sat, g * sat)),
+                                           tl.where(on & (op == 3), hg, g))))
+            b = tl.where(on & (op == 0), _to_uint8_tl(b * bright),
+                         tl.where(on & (op == 1), _to_uint8_tl(_fma_tl(mean, 1.0 - contrast, b * contrast)),
+                                  tl.where(on & (op == 2), _to_uint8_tl(_fma_tl(gray, 1.0 - sat, b * sat)),
+                                           tl.where(on & (op == 3), hb, b))))
+        gray = _luma_tl(r, g, b)
+        if MEAN_PASS:
+            part = tl.sum(tl.sum(tl.where(live & jitter, gray, 0.0).to(tl.int32), axis=2), axis=1)
+            sid1 = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+            tl.atomic_add(dst_ptr + sid1, part, mask=sid1 < n)
+        else:
+            to_gray = tl.load(prm + 9) != 0.0
+            r, g, b = tl.where(to_gray, gray, r), tl.where(to_gray, gray, g), tl.where(to_gray, gray, b)
+            at = dst_ptr + sid * 3 * height * width + rows * width + cols
+            tl.store(at, r.to(tl.uint8), mask=live)
+            tl.store(at + height * width, g.to(tl.uint8), mask=live)
+            tl.store(at + 2 * height * width, b.to(tl.uint8), mask=live)
+
+    @triton.jit
+    def _blur_weights_tl(grid_ptr, sigma, KSIZE: tl.constexpr):
+        """Largest exponent and 1 / sum of torchvision's Gaussian (a softmax over -(x / sigma)^2)."""
+        top = tl.full(sigma.shape, -float("inf"), tl.float32)
+        for t in tl.static_range(KSIZE):
+            x = tl.math.div_rn(tl.load(grid_ptr + t), sigma)
+            top = tl.maximum(top, -(x * x))
+        total = tl.zeros(sigma.shape, dtype=tl.float32)
+        for t in tl.static_range(KSIZE):
+            x = tl.math.div_rn(tl.load(grid_ptr + t), sigma)
+            total += tl.exp((-(x * x) - top).to(tl.float64)).to(tl.float32)
+        return top, tl.math.div_rn(tl.full(sigma.shape, 1.0, tl.float32), total)
+
+    @triton.jit
+    def _blur_tap_tl(grid_ptr, sigma, top, inv_total, t):
+        x = tl.math.div_rn(tl.load(grid_ptr + t), sigma)
+        return tl.exp((-(x * x) - top).to(tl.float64)).to(tl.float32) * inv_total
+
+    @triton.jit
+    def _reflect_tl(i, size):
+        i = tl.where(i < 0, -i, i)
+        return tl.where(i >= size, 2 * (size - 1) - i, i)
+
+    @triton.jit
+    def _blur_rows_kernel(src_ptr, dst_ptr, table_ptr, grid_ptr, slots, height, width,
+                          KSIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                          BLOCK_COLS: tl.constexpr):
+        """The blur's row pass for the samples in the first `slots` blur slots: uint8 -> float32,
+        reflect padding."""
+        slot = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None, None]
+        valid = slot < slots
+        sid = tl.load(table_ptr + tl.where(valid, slot, 0) * _COLS + 13).to(tl.int64)
+        blur = valid & (tl.load(table_ptr + sid * _COLS + 10) != 0.0)
+        if tl.max(tl.max(tl.max(blur.to(tl.int32), axis=2), axis=1), axis=0) > 0:
+            sigma = tl.load(table_ptr + sid * _COLS + 11)
+            top, inv_total = _blur_weights_tl(grid_ptr, sigma, KSIZE)
+            rows = tl.program_id(1) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)[None, :, None]
+            cols = tl.arange(0, BLOCK_COLS)[None, None, :]
+            live = blur & (rows < height) & (cols < width)
+            plane = height * width
+            base = src_ptr + (sid * 3 * plane + rows * width)  # full-size index math once, not per tap
+            acc_r = tl.zeros([BLOCK_N, BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
+            acc_g = tl.zeros([BLOCK_N, BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
+            acc_b = tl.zeros([BLOCK_N, BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
+            for t in tl.static_range(KSIZE):
+                w = _blur_tap_tl(grid_ptr, sigma, top, inv_total, t)
+                at = base + _reflect_tl(cols + (t - KSIZE // 2), width)
+                acc_r += w * tl.load(at, mask=live, other=0).to(tl.float32)
+                acc_g += w * tl.load(at + plane, mask=live, other=0).to(tl.float32)
+                acc_b += w * tl.load(at + 2 * plane, mask=live, other=0).to(tl.float32)
+            at = dst_ptr + sid * 3 * plane + rows * width + cols
+            tl.store(at, acc_r, mask=live)
+            tl.store(at + plane, acc_g, mask=live)
+            tl.store(at + 2 * plane, acc_b, mask=live)
+
+    @triton.jit
+    def _round_half_even_tl(x):
+        """torch.round on non-negative float32."""
+        up = tl.floor(x + 0.5)
+        tie_to_odd = ((up - x) == 0.5) & ((up.to(tl.int32) % 2) == 1)
+        return tl.where(tie_to_odd, up - 1.0, up)
+
+    @triton.jit
+    def _finish_tl(x, solarize, mean, std, out_ptr, o_at, live, NORMALIZE: tl.constexpr):
+        """Solarize, then store uint8 or normalized ((x / 255 - mean) / std) in out's dtype."""
+        x = tl.where(solarize & (x >= 128.0), 255.0 - x, x)
+        if NORMALIZE:
+            y = tl.math.div_rn(tl.math.div_rn(x, 255.0) - mean, std)
+            tl.store(out_ptr + o_at, y.to(out_ptr.dtype.element_ty), mask=live)
+        else:
+            tl.store(out_ptr + o_at, x.to(tl.uint8), mask=live)
+
+    @triton.jit
+    def _finish_kernel(colour_ptr, rows_ptr, out_ptr, table_ptr, grid_ptr, slots, height, width,
+                       o_n, o_c, o_h, o_w, mean_r, mean_g, mean_b, std_r, std_g, std_b,
+                       KSIZE: tl.constexpr, BLUR: tl.constexpr, NORMALIZE: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+        """The rest of the stage, written to out: BLUR, for the samples in the first `slots` blur
+        slots: the blur's column pass, rounded; else, for the samples that do not blur: the jittered
+        image. Then solarize and the output."""
+        slot = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None, None]
+        valid = slot < slots
+        slot = tl.where(valid, slot, 0)
+        sid = (tl.load(table_ptr + slot * _COLS + 13) if BLUR else slot).to(tl.int64)
+        prm = table_ptr + sid * _COLS
+        blur = tl.load(prm + 10) != 0.0
+        solarize = tl.load(prm + 12) != 0.0
+        rows = tl.program_id(1) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)[None, :, None]
+        cols = tl.arange(0, BLOCK_COLS)[None, None, :]
+        live = valid & (blur if BLUR else ~blur) & (rows < height) & (cols < width)
+        if tl.max(tl.max(tl.max(live.to(tl.int32), axis=2), axis=1), axis=0) > 0:
+            plane = height * width
+            if BLUR:
+                sigma = tl.load(prm + 11)
+                top, inv_total = _blur_weights_tl(grid_ptr, sigma, KSIZE)
+                base = rows_ptr + (sid * 3 * plane + cols)
+                r = tl.zeros([BLOCK_N, BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
+                g = tl.zeros([BLOCK_N, BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
+                b = tl.zeros([BLOCK_N, BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
+                for t in tl.static_range(KSIZE):
+                    w = _blur_tap_tl(grid_ptr, sigma, top, inv_total, t)
+                    at = base + _reflect_tl(rows + (t - KSIZE // 2), height) * width
+                    r += w * tl.load(at, mask=live, other=0.0)
+                    g += w * tl.load(at + plane, mask=live, other=0.0)
+                    b += w * tl.load(at + 2 * plane, mask=live, other=0.0)
+                r, g, b = _round_half_even_tl(r), _round_half_even_tl(g), _round_half_even_tl(b)
+            else:
+                at = colour_ptr + (sid * 3 * plane + rows * width + cols)
+                r = tl.load(at, mask=live, other=0).to(tl.float32)
+                g = tl.load(at + plane, mask=live, other=0).to(tl.float32)
+                b = tl.load(at + 2 * plane, mask=live, other=0).to(tl.float32)
+            o_at = sid * o_n + rows * o_h + cols * o_w
+            _finish_tl(r, solarize, mean_r, std_r, out_ptr, o_at, live, NORMALIZE)
+            _finish_tl(g, solarize, mean_g, std_g, out_ptr, o_at + o_c, live, NORMALIZE)
+            _finish_tl(b, solarize, mean_b, std_b, out_ptr, o_at + 2 * o_c, live, NORMALIZE)
