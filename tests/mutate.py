@@ -14,6 +14,11 @@ each module's mutation points, so two runs with the same source and seed test th
 are in the working tree; `--source-from COMMIT` pins the package mutated (the default, the working
 tree, moves while others edit it). Test files a run does not have are left out of its command, and
 tests that fail on the unmutated package are deselected (listed in the output).
+
+`--after BEFORE.json` scores the same mutants for the tests of BEFORE's commit PLUS the test files
+added since (those of the working tree that the commit lacks, with the working tree's conftest.py and
+helpers): a mutant BEFORE killed stays killed (the same files run again would kill it again), and
+each survivor is run against the added files only. The score says what the added tests contribute.
 """
 from __future__ import annotations
 
@@ -178,9 +183,21 @@ def _env(work: Path) -> dict:
                 FASTBYOL_SHARED_DATA=shared)
 
 
+def _added_tests(tests_from: str, work: Path) -> list[str]:
+    """Overlay onto work/tests the working tree's test files that `tests_from` lacks, and its
+    conftest.py; returns the names of the added files."""
+    added = []
+    for path in sorted((REPO / "tests").glob("*.py")):
+        target = work / "tests" / path.name
+        if not target.exists() or path.name == "conftest.py":
+            shutil.copyfile(path, target)
+            added += [path.name] if path.name != "conftest.py" else []
+    return added
+
+
 def _settings(args) -> dict:
     return dict(tests_from=args.tests_from, source_from=args.source_from, seed=args.seed,
-                per_module=args.per_module)
+                per_module=args.per_module, after=str(args.after) if args.after else None)
 
 
 def _resume(args) -> list[dict]:
@@ -207,11 +224,20 @@ def main(argv=None) -> None:
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per mutant")
     parser.add_argument("--list", action="store_true", help="print the sampled mutants and stop")
     parser.add_argument("--out", type=Path, help="JSON with every mutant's verdict")
+    parser.add_argument("--after", type=Path, help="a --out of a run over an older commit's tests: "
+                        "score its mutants for those tests plus the files added since")
     args = parser.parse_args(argv)
+    before = {}
+    if args.after:
+        saved = json.loads(args.after.read_text())
+        args.tests_from, args.source_from = saved["tests_from"], saved["source_from"]
+        args.seed, args.per_module = saved["seed"], saved["per_module"]
+        before = {(r["module"], r["number"]): r for r in saved["mutants"]}
     with tempfile.TemporaryDirectory(prefix="fastbyol-mutants-") as tmp:
         work = Path(tmp)
         copy_folder("fastbyol", args.source_from, work)
         tests = copy_folder("tests", args.tests_from, work)
+        added = _added_tests(args.tests_from, work) if args.after else []
         # --out is rewritten after every mutant; a rerun with the same settings skips what it holds
         results = _resume(args)
         done = {(r["module"], r["number"]) for r in results}
@@ -219,9 +245,21 @@ def main(argv=None) -> None:
             if all((module, n) in done for n, _, _ in sample((work / module).read_text(), module,
                                                               args.per_module, args.seed)):
                 continue
-            files = [f for f in COVERAGE[module] if (tests / f).exists()]
+            files = [f for f in COVERAGE[module] if (tests / f).exists() and (not args.after or f in added)]
             original = (work / module).read_text()
             deselect = []
+            if args.after and any((module, n) not in before for n, _, _ in
+                                  sample(original, module, args.per_module, args.seed)):
+                print(f"{module}: the --after run has no verdict for it yet (rerun later)", flush=True)
+                continue
+            if not files:  # nothing added covers this module: the earlier verdicts stand
+                for number, kind, what in sample(original, module, args.per_module, args.seed):
+                    if (module, number) not in done and not args.list:
+                        results.append(dict(before[(module, number)], tests=[]) if args.after else
+                                       dict(module=module, number=number, kind=kind, what=what,
+                                            verdict="survived", seconds=0.0, tests=[], left_out=[]))
+                _save(args, results)
+                continue
             if not args.list:  # tests that fail on the unmutated package cannot judge a mutant
                 verdict, seconds, deselect = run_tests(work, files, args.timeout, stop_at_first=False)
                 print(f"unmutated {module}: {verdict} in {seconds:.0f}s ({' '.join(files)})"
@@ -235,6 +273,11 @@ def main(argv=None) -> None:
                 if args.list:
                     print(f"{module} #{number} {kind}: {what}")
                     continue
+                earlier = before.get((module, number))
+                if earlier and earlier["verdict"] != "survived":
+                    results.append(dict(earlier, verdict=earlier["verdict"] + " (before)"))
+                    _save(args, results)
+                    continue
                 (work / module).write_text(mutate(original, number))
                 verdict, seconds, _ = run_tests(work, files, args.timeout, deselect)
                 (work / module).write_text(original)
@@ -245,7 +288,8 @@ def main(argv=None) -> None:
     if args.list:
         return
     killed = sum(r["verdict"] != "survived" for r in results)
-    print(f"\nmutation score ({args.tests_from} tests): {killed}/{len(results)} killed "
+    which = f"{args.tests_from} tests" + (" + the files added since" if args.after else "")
+    print(f"\nmutation score ({which}): {killed}/{len(results)} killed "
           f"= {100 * killed / max(1, len(results)):.0f}%")
     _save(args, results)
 

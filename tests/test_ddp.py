@@ -12,6 +12,7 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from conftest import free_port
 from fastbyol.kernels.lars import LARS, lars_param_groups
 from fastbyol.model import BYOL
 from fastbyol.step import BYOLStep
@@ -62,7 +63,7 @@ def _worker(rank, world, port, out):
 def test_two_gloo_workers_equal_one_process_on_the_concatenated_batch(tmp_path):
     single = train_steps(bn_free_model(), None)
     out = tmp_path / "ddp.pt"
-    mp.spawn(_worker, args=(2, 29400 + os.getpid() % 500, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True)
     ddp = torch.load(out)
     changed = 0
     for name, value in single.items():
@@ -87,7 +88,8 @@ def test_nproc_2_trains_one_epoch_and_resumes_on_one_rank(tiny_folder, tmp_path)
                         "--stop-at-step", "4", "--out", str(out), *COMMON], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines] == [1, 2, 3, 4]  # rank 0 alone writes; 64 images / 16 = 4 steps
+    steps = [r["step"] for r in lines if "lr" in r]  # training intervals (k-NN lines have no lr)
+    assert steps == [1, 2, 3, 4]  # rank 0 alone writes; 64 images / 16 = 4 steps
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     assert state["world_size"] == 2 and state["step"] == 4
     resumed = train_cli(["fastbyol.train", "--resume", "--out", str(out), "--data", str(tiny_folder),
@@ -117,21 +119,65 @@ def test_torchrun_forms_and_a_contradicting_nproc(tiny_folder, tmp_path):
     assert "--nproc 3 contradicts torchrun" in result.stderr
 
 
-def _worker_pids(launcher_pid):
-    """fastbyol.train worker processes started under the launcher, by LOCAL_RANK."""
-    found = {}
+def _descendants(root: int) -> dict[int, int]:
+    """pid -> start time (clock ticks since boot) of every live descendant of `root`: this test's
+    own processes only, never another run's."""
+    children = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, ...
+            children.setdefault(int(fields[1]), []).append((int(entry.name), int(fields[19])))
+    found, todo = {}, [root]
+    while todo:
+        for pid, start in children.get(todo.pop(), []):
+            found[pid] = start
+            todo.append(pid)
+    return found
+
+
+def _alive(pid: int, start: int) -> bool:
+    """The process `pid` that started at `start` still runs (not gone, not a zombie, not reused)."""
+    try:
+        stat = (Path("/proc") / str(pid) / "stat").read_text()
+    except OSError:
+        return False
+    fields = stat[stat.rindex(")") + 2:].split()
+    return fields[0] != "Z" and int(fields[19]) == start
+
+
+def _worker_pids(launcher_pid):
+    """The fastbyol.train workers among the launcher's descendants: local rank -> (pid, start time)."""
+    found = {}
+    for pid, start in _descendants(launcher_pid).items():
         try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-            cmdline = (entry / "cmdline").read_bytes()
+            environ = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+            cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes()
         except OSError:
             continue
         env = dict(item.split(b"=", 1) for item in environ if b"=" in item)
-        if b"fastbyol.train" in cmdline and b"LOCAL_RANK" in env and int(entry.name) != launcher_pid:
-            found[int(env[b"LOCAL_RANK"])] = int(entry.name)
+        if b"fastbyol.train" in cmdline and b"LOCAL_RANK" in env:
+            found[int(env[b"LOCAL_RANK"])] = (pid, start)
     return found
+
+
+def _kill_everything(proc, known: dict[int, int]) -> None:
+    """SIGKILL the launcher's process group and the group of each of its descendants still running
+    (torchrun starts every worker in a session of its own), so nothing outlives the test."""
+    for pid, start in {**known, **_descendants(proc.pid)}.items():
+        if _alive(pid, start):
+            try:
+                os.killpg(os.getpgid(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher's own group (start_new_session)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def test_a_killed_worker_ends_the_job_with_an_error(tiny_folder, tmp_path):
@@ -140,7 +186,9 @@ def test_a_killed_worker_ends_the_job_with_an_error(tiny_folder, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "fastbyol.train", "--nproc", "2", "--data",
                              str(tiny_folder), "--epochs", "500", "--out", str(out),
                              "--dist-timeout", "30", *COMMON], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    workers = {}
     try:
         deadline = time.time() + 240
         while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
@@ -149,13 +197,13 @@ def test_a_killed_worker_ends_the_job_with_an_error(tiny_folder, tmp_path):
             time.sleep(0.5)
         workers = _worker_pids(proc.pid)
         assert set(workers) == {0, 1}, workers
-        os.kill(workers[1], signal.SIGKILL)
+        os.kill(workers[1][0], signal.SIGKILL)
         killed_at = time.time()
         _, stderr = proc.communicate(timeout=90)
         assert proc.returncode != 0
         assert time.time() - killed_at < 60
         assert "worker rank 1 was killed by signal 9; the other workers were stopped" in stderr
-        assert _worker_pids(proc.pid) == {}  # no worker left behind
+        left = [pid for pid, start in workers.values() if _alive(pid, start)]
+        assert not left, f"workers left behind: {left}"
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _kill_everything(proc, dict(workers.values()))
