@@ -23,6 +23,8 @@ without it.
 """
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
 from collections import Counter
@@ -72,7 +74,6 @@ def open_split(root: str | os.PathLike, split: str) -> tuple[Split, list[str]]:
     if not (root / "classes.json").is_file() or not (root / f"{split}.txt").is_file():
         raise InputError(f"{root}: no {split}.txt DALI file list here (a --to ffcv output?); run "
                          f"`{CONVERT_HINT}`")
-    import json
     classes = json.loads((root / "classes.json").read_text())
     return read_split(root, split), classes
 
@@ -336,9 +337,14 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {device}: CUDA is not available on this machine")
     if device.type == "cpu":
-        log.warning("--loader dali without CUDA: DALI runs its CPU graph (decoding on the CPU), a "
-                    "reference path far slower than the GPU's")
+        _warn_cpu_graph()
     return device
+
+
+@functools.cache
+def _warn_cpu_graph() -> None:  # once per process, not once per loader
+    log.warning("--loader dali without CUDA: DALI runs its CPU graph (decoding on the CPU), a "
+                "reference path far slower than the GPU's")
 
 
 def _to_torch(output, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,206 @@
+"""`python -m fastbyol.bench loader`: img/s of a loader alone (both views, on the device, in the
+step's dtype), with baselines in the same run.
+
+    python -m fastbyol.bench loader --data DIR [--loader dali|torchvision|memory|ffcv]
+        [--baselines torchvision,dali-colour,ffcv-stock] [--batch-size 256] [--image-size 224]
+        [--batches 20] [--warmup 3] [--workers N] [--hw-decoder-load 0.65 ...] [--json PATH]
+
+DIR is an ImageFolder (benchmarks/make_bench_folder.py makes the benchmark one); the loaders that read
+a converter output (dali, ffcv) get DIR converted first, beside it (DIR-dali, DIR-ffcv; kept for the
+next run). img/s counts source images, each yielding two views. Baselines:
+  torchvision  the reference loader with a worker per core;
+  dali-colour  DALI with its own ops in a fixed order in place of ours (solo-learn's design):
+               random_resized_crop, flip, then brightness/contrast, saturation, hue, grayscale, blur,
+               solarize, each applied with its probability, always in this order;
+  ffcv-stock   FFCV's stock two-view pipeline (fastbyol.bench.ffcv_stock; skipped when absent).
+Several --hw-decoder-load values give one dali row each.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from fastbyol import InputError
+from fastbyol.bench.record import device_name, sync
+from fastbyol.views import byol_view_specs, view_dtype
+
+HELP = "img/s of a loader alone (two views at 224 px), beside the reference and DALI's own colour ops"
+LOADER_NAMES = ("dali", "torchvision", "memory", "ffcv")
+BASELINES = ("torchvision", "dali-colour", "ffcv-stock")
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="an ImageFolder (DIR/train/<class>/*.jpg)")
+    parser.add_argument("--loader", default="dali", choices=LOADER_NAMES)
+    parser.add_argument("--baselines", default="torchvision,dali-colour",
+                        help=f"comma-separated, from {', '.join(BASELINES)}; '' for none")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batches", type=int, default=20, help="timed batches per row")
+    parser.add_argument("--warmup", type=int, default=3, help="batches before the timing")
+    parser.add_argument("--workers", type=int, default=None, help="loader workers (default: one per core)")
+    parser.add_argument("--hw-decoder-load", type=float, nargs="+", default=[0.65],
+                        help="--loader dali: one row per value")
+    parser.add_argument("--device", default=None, help="default: cuda when there is one")
+    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
+    parser.add_argument("--json", help="where to write the result (default benchmarks/results/)")
+
+
+def _converted(data: Path, target: str, workers: int) -> Path:
+    from fastbyol.convert import convert, default_out
+    out = default_out(data, target)
+    convert(data, target, out, workers=workers)  # returns at once when out is complete
+    return out
+
+
+def _rate(batches, args, device) -> dict:
+    """img/s over args.batches batches of an iterator of batches, after args.warmup."""
+    it = iter(batches)
+    start = time.perf_counter()
+    for _ in range(args.warmup):
+        next(it)
+    sync(device)
+    warm = time.perf_counter()
+    for _ in range(args.batches):
+        next(it)
+    sync(device)
+    end = time.perf_counter()
+    if hasattr(it, "close"):
+        it.close()
+    return dict(img_per_s=round(args.batches * args.batch_size / (end - warm), 1),
+                startup_s=round(warm - start, 2))
+
+
+def _epochs(loader):
+    """Batches of epochs 0, 1, ... back to back (a short epoch does not end the timing)."""
+    epoch = 0
+    while True:
+        yield from loader.epoch(epoch)
+        epoch += 1
+
+
+def loader_rate(name: str, args, device, workers: int, **options) -> dict:
+    from fastbyol.pipelines import train_loader
+    data = Path(args.data)
+    root = _converted(data, name, workers) if name in ("dali", "ffcv") else data
+    loader = train_loader(name, root, batch_size=args.batch_size, image_size=args.image_size,
+                          small=args.image_size <= 64, seed=0, workers=workers, device=device,
+                          dtype=view_dtype(args.precision, device), **options)
+    return _rate(_epochs(loader), args, device)
+
+
+def dali_colour_ops_rate(args, device, workers: int, hw_decoder_load: float = 0.65) -> dict:
+    """DALI with its own colour ops in a fixed order (solo-learn's design) instead of ours: file
+    reader, one decode, per view random_resized_crop, flip, then brightness/contrast, saturation, hue,
+    grayscale, blur and solarize, each applied with the recipe's probability via a per-sample mux,
+    always in this order; crop_mirror_normalize to the views' dtype, channels-first."""
+    from fastbyol.dali_lists import file_list
+    from fastbyol.pipelines.dali import import_dali
+    fn, types, pipeline_def = import_dali()
+    out = _converted(Path(args.data), "dali", workers)
+    files = file_list(out, "train")
+    gpu = device.type == "cuda"
+    specs = byol_view_specs(args.image_size, small=args.image_size <= 64)
+    dtype = {torch.bfloat16: types.FLOAT16, torch.float16: types.FLOAT16}.get(
+        view_dtype(args.precision, device), types.FLOAT)  # DALI has no bf16: fp16, the same bytes
+    mean, std = [255 * m for m in (0.485, 0.456, 0.406)], [255 * s for s in (0.229, 0.224, 0.225)]
+
+    def chance(p):
+        return fn.random.coin_flip(probability=p, dtype=types.BOOL)
+
+    def mux(condition, then, otherwise):
+        condition = fn.cast(condition, dtype=types.UINT8)
+        return fn.cast(condition * then + (1 - condition) * otherwise, dtype=types.UINT8)  # solo-learn's Mux
+
+    @pipeline_def(batch_size=args.batch_size, num_threads=max(1, min(workers, 8)),
+                  device_id=(device.index or 0) if gpu else None, exec_dynamic=True)
+    def fixed_order():
+        encoded, _ = fn.readers.file(files=[p for p, _ in files], labels=[label for _, label in files],
+                                     random_shuffle=True, name="reader")
+        images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                   **({"hw_decoder_load": hw_decoder_load} if gpu else {}))
+        views = []
+        for spec in specs:
+            view = fn.random_resized_crop(images, size=(spec.size, spec.size), random_area=spec.scale,
+                                          random_aspect_ratio=spec.ratio, interp_type=types.INTERP_CUBIC)
+            jittered = fn.brightness_contrast(
+                view, brightness=fn.random.uniform(range=(1 - spec.brightness, 1 + spec.brightness)),
+                contrast=fn.random.uniform(range=(1 - spec.contrast, 1 + spec.contrast)))
+            jittered = fn.hsv(jittered, saturation=fn.random.uniform(range=(1 - spec.saturation, 1 + spec.saturation)),
+                              hue=fn.random.uniform(range=(-360 * spec.hue, 360 * spec.hue)))
+            view = mux(chance(spec.jitter_p), jittered, view)
+            gray = fn.color_space_conversion(fn.color_space_conversion(view, image_type=types.RGB,
+                                                                       output_type=types.GRAY),
+                                             image_type=types.GRAY, output_type=types.RGB)
+            view = mux(chance(spec.gray_p), gray, view)
+            if spec.blur_p > 0:
+                blurred = fn.gaussian_blur(view, window_size=spec.blur_kernel,
+                                           sigma=fn.random.uniform(range=spec.blur_sigma))
+                view = mux(chance(spec.blur_p), blurred, view)
+            if spec.solarize_p > 0:
+                solarized = mux(view >= 128, 255 - view, view)
+                view = mux(chance(spec.solarize_p), solarized, view)
+            views.append(fn.crop_mirror_normalize(view, dtype=dtype, output_layout="CHW", mean=mean,
+                                                  std=std, mirror=fn.random.coin_flip(probability=spec.flip_p)))
+        return tuple(views)
+
+    pipe = fixed_order()
+    pipe.build()
+
+    def batches():
+        from fastbyol.pipelines.dali import _to_torch
+        while True:
+            yield [_to_torch(view, device) for view in pipe.run()]
+
+    return _rate(batches(), args, device)
+
+
+def run(args, recorder) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    workers = args.workers or len(os.sched_getaffinity(0))
+    baselines = [b for b in args.baselines.split(",") if b]
+    unknown = sorted(set(baselines) - set(BASELINES))
+    if unknown:
+        raise InputError(f"--baselines {','.join(unknown)}: choose from {', '.join(BASELINES)}")
+    if not Path(args.data).is_dir():
+        raise InputError(f"--data {args.data}: no such folder")
+    result = dict(name=f"{args.loader}-{device_name(device)}", device=device_name(device),
+                  batch_size=args.batch_size, image_size=args.image_size, workers=workers, rows=[])
+
+    def measure(path: str, what, **settings) -> None:
+        row = dict(path=path, img_per_s=None, startup_s=None, hw_decoder_load=None, note="")
+        row.update(settings)
+        try:
+            row.update(what())
+        except (ImportError, AttributeError, ModuleNotFoundError) as err:
+            row["note"] = f"skipped: {type(err).__name__}: {err}"
+        print(f"{path}: {row}", flush=True)
+        result["rows"].append(row)
+        recorder.save(result)
+
+    if args.loader == "dali":
+        for load in args.hw_decoder_load:
+            measure("ours: dali", lambda: loader_rate("dali", args, device, workers, hw_decoder_load=load),
+                    hw_decoder_load=load)
+    else:
+        measure(f"ours: {args.loader}", lambda: loader_rate(args.loader, args, device, workers))
+    if "torchvision" in baselines:
+        measure(f"baseline: torchvision, {workers} workers",
+                lambda: loader_rate("torchvision", args, device, workers))
+    if "dali-colour" in baselines:
+        load = args.hw_decoder_load[0]
+        measure("baseline: dali-colour (DALI's ops, fixed order)",
+                lambda: dali_colour_ops_rate(args, device, workers, load), hw_decoder_load=load)
+    if "ffcv-stock" in baselines:
+        def stock():
+            from fastbyol.bench.ffcv_stock import run_stock
+            stock_args = argparse.Namespace(**{**vars(args), "data": str(_converted(Path(args.data), "ffcv", workers)),
+                                               "workers": workers, "device": str(device)})
+            row = run_stock(stock_args)
+            return {k: row[k] for k in ("img_per_s", "startup_s") if k in row} | {"note": row.get("note", "")}
+        measure("baseline: ffcv-stock", stock)
+    return result
