@@ -74,7 +74,9 @@ def _worker(rank, world, port, out):
     net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False,
                                               gradient_as_bucket_view=True)
     state, grads = train_steps(model, net, rank, world)
-    results = dict(state=state, grads_kept=all(a is b for a, b in zip(grads[1], grads[2])))
+    storages = {g.untyped_storage().data_ptr() for g in grads[2]}
+    results = dict(state=state, grads_kept=all(a is b for a, b in zip(grads[1], grads[2])),
+                   grad_storages=len(storages), grads=len(grads[2]))
     # the tiny ResNet under DDP, eager and compiled with backend="eager" (as train.py compiles the
     # DDP module), 4 images of 16 px per rank
     x = torch.randn(BATCH, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))[rank::world]
@@ -135,8 +137,10 @@ def test_compiled_syncbn_under_ddp_has_no_graph_break_and_equals_eager(two_worke
 
 
 def test_ddp_gradients_stay_bucket_views_across_steps(two_workers):
-    # zeroed in place, never set to None: the same tensors (DDP's bucket views) from step to step
+    """BYOLStep sets p.grad to None before each backward; DDP (gradient_as_bucket_view) points it
+    back at the same bucket view tensors, a few buckets for all the parameters."""
     assert two_workers["grads_kept"]
+    assert two_workers["grad_storages"] < two_workers["grads"] / 4
 
 
 def _modules():
@@ -197,6 +201,11 @@ def test_without_a_group_it_is_batchnorm_exactly():
 
 def test_convert_keeps_parameters_buffers_mode_and_nested_modules():
     model = bn_model()
+    gen = torch.Generator().manual_seed(4)
+    for bn in (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+        for tensor in (bn.weight, bn.bias, bn.running_mean, bn.running_var):  # none at its default
+            tensor.data.copy_(torch.rand(tensor.shape, generator=gen) + 0.5)
+        bn.num_batches_tracked.fill_(5)
     model.eval()
     converted = convert_sync_batchnorm(copy.deepcopy(model))
     kinds = [type(m) for m in converted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
