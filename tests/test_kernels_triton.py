@@ -114,11 +114,53 @@ def test_photo_crops_under_the_byol_specs(shared_data):
         check_tolerances(out, reference(expected_views, params, spec), params, f"photos, view {view + 1}")
 
 
-def test_the_default_backend_is_the_twin_on_the_cpu():
+def test_the_default_backend_is_the_twin_on_the_cpu(monkeypatch):
+    import fastbyol.kernels.augment as augment
+
+    def no_kernels(*args, **kwargs):
+        raise AssertionError("a Triton kernel was launched for CPU tensors by default")
+
+    monkeypatch.setattr(augment, "launch", no_kernels)
     spec = ViewSpec(size=32)
     images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     params = combination_params(2, seed=1, spec=spec, start=100)
     assert torch.equal(photometric(images, params, spec), reference(images, params, spec))
+
+
+def test_every_kernel_compiles_for_hopper():
+    """The interpreter runs a kernel's Python; this compiles each kernel, as the GPU stage will, for
+    sm_90 (H100/H200) with the installed Triton, down to a cubin (the wheel carries ptxas)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile as compile_kernel
+
+    import fastbyol.kernels.augment as augment
+    import fastbyol.kernels.crop_resize as crop
+
+    def check(kernel, signature: dict, constexprs: dict) -> None:
+        signature = {**signature, **{name: "constexpr" for name in constexprs}}
+        compiled = compile_kernel(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", 90, 32), options=dict(enable_fp_fusion=False))
+        assert compiled.asm["cubin"], kernel.fn.__name__
+
+    tile = dict(BLOCK_N=1, BLOCK_ROWS=8, BLOCK_COLS=256)
+    for horizontal in (True, False):
+        check(crop._resample_kernel, dict(src_ptr="*u8", dst_ptr="*u8", boxes_ptr="*i32", offsets_ptr="*i64",
+                                          heights_ptr="*i64", widths_ptr="*i64", n="i32", size="i32",
+                                          scratch_rows="i32"),
+              dict(HORIZONTAL=horizontal, BLOCK_SIZE=256, **tile))
+    common = dict(table_ptr="*fp32", height="i32", width="i32")
+    for mean_pass in (True, False):
+        check(augment._jitter_kernel, dict(src_ptr="*u8", dst_ptr="*i32" if mean_pass else "*u8", sums_ptr="*i32",
+                                           n="i32", s_n="i32", s_c="i32", s_h="i32", s_w="i32", **common),
+              dict(MEAN_PASS=mean_pass, **tile))
+    check(augment._blur_rows_kernel, dict(src_ptr="*u8", dst_ptr="*fp32", grid_ptr="*fp32", slots="i32", **common),
+          dict(KSIZE=23, **tile))
+    for out, blur in (("*bf16", True), ("*fp16", False), ("*u8", False), ("*u8", True)):
+        check(augment._finish_kernel,
+              dict(colour_ptr="*u8", rows_ptr="*fp32", out_ptr=out, grid_ptr="*fp32", slots="i32", o_n="i32",
+                   o_c="i32", o_h="i32", o_w="i32", mean_r="fp32", mean_g="fp32", mean_b="fp32", std_r="fp32",
+                   std_g="fp32", std_b="fp32", **common),
+              dict(KSIZE=23, BLUR=blur, NORMALIZE=out != "*u8", **tile))
 
 
 @pytest.mark.cuda
