@@ -195,15 +195,15 @@ def _run(args, recorder, root: Path, device: torch.device) -> dict:
         paths.append((SYNTHETIC, 0))
     if not args.no_baseline and (args.loader, cfg.workers) != ("torchvision", args.baseline_workers):
         paths.append(("torchvision", args.baseline_workers))
-    first = make(*paths[0]) if args.loader != SYNTHETIC else None
-    num_classes = first.num_classes if first else 1000
+    # The data's loader first: its classes size the online probe (synthetic labels: 1000 classes).
+    loader = make(*paths[0]) if args.loader != SYNTHETIC else None
+    num_classes = loader.num_classes if loader is not None else 1000
     _, _, step_fn = build(cfg, num_classes, device, Dist())  # compiled once, for every path
     measured = []
-    for i, (name, workers) in enumerate(paths):
-        loader = first if i == 0 and first is not None else make(name, workers)
+    for name, workers in paths:
+        loader = loader if loader is not None else make(name, workers)
         measured.append(dict(_measure(name, loader, step_fn, args, device), workers=workers))
-        del loader
-        first = None
+        loader = None  # its memory (resident images, workers) goes before the next path's
         if device.type == "cuda":
             torch.cuda.empty_cache()
         recorder.save(dict(name=_name(args, device), rows=[], paths=measured))  # kept if a later path fails
