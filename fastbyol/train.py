@@ -478,7 +478,7 @@ def size_to_budget(cfg: Config, loop: Loop, model, optimizer, step_fn, dist: Dis
         ckpt_io.save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict()), scratch)
         scratch.unlink()
     ckpt_s = _slowest(time.perf_counter() - t0, dist)
-    left = budget_s - (time.perf_counter() - started) - margin
+    left = budget_s - _slowest(time.perf_counter() - started, dist) - margin  # alike on every rank
     steps = steps_for_budget(left, step_s, knn_s, ckpt_s, len(loop.loader), cfg.knn_every,
                              cfg.ckpt_every)
     if steps < 1:
