@@ -8,9 +8,11 @@ set -euo pipefail
 budget=${QUALITY_BUDGET_MIN:-8}
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
-for split in train val; do tar xzf "$FASTBYOL_SHARED_DATA/cifar10-$split-jpg.tar.gz" -C "$scratch"; done
+data="$scratch/cifar10"  # its name names the results
+mkdir -p "$data"
+for split in train val; do tar xzf "$FASTBYOL_SHARED_DATA/cifar10-$split-jpg.tar.gz" -C "$data"; done
 run="$scratch/run"
-PYTHONUNBUFFERED=1 python3 -m fastbyol.train --data "$scratch" --loader memory --arch resnet18 \
+PYTHONUNBUFFERED=1 python3 -m fastbyol.train --data "$data" --loader memory --arch resnet18 \
   --batch-size 512 --time-budget "$budget" --knn-every 10 --knn-samples 0 --knn-k 200 \
   --log-every 20 --ckpt-every 100000 --out "$run" 2>&1 | stdbuf -oL tr '\r' '\n' | grep --line-buffered -v '^BYOL: \|^decoding '
 python3 -m fastbyol.plot "$run" --out "$OUT/quality-curves.png"
