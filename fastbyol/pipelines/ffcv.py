@@ -1,24 +1,57 @@
-"""The FFCV data path. For now: opening a .beton safely, and reading it back.
+"""The FFCV loader: BYOL views from a .beton written by `python -m fastbyol.convert DIR --to ffcv`
+(fields `image`: JPEG bytes with width and height, `label`), in `epoch_batches` order with
+`sample_view_params`' parameters, like every loader.
+
+Each image is decoded once. `ffcv_decode="cpu"`: FFCV's numba-compiled threads read the .beton and
+decode with libjpeg-turbo (FFCV's `imdecode`, its fast IDCT); then, by `crop_on`,
+  "device"  the decoded images, packed back to back, travel to the device, where `crop_resize` makes
+            both views (design (a));
+  "cpu"     both crops are resized (PIL's antialiased bicubic, fixed point) in the same numba loop,
+            and only the two S x S views travel (design (b)).
+`ffcv_decode="gpu"`: the .beton supplies the JPEG bytes only; `torchvision.io.decode_jpeg(list,
+device=...)` decodes the batch (nvJPEG on a GPU; the same code on the CPU), then `crop_resize`.
+Either way the colour stage is `photometric`, on the device. benchmarks/ffcv.md compares the designs.
+
+FFCV takes our order as an instance of a TraversalOrder subclass (`_GivenOrder`). Its Loader is made
+once per process for each set of its settings (`_ffcv_loader`), so numba compiles each pipeline once.
+The crop boxes of design (b) reach the compiled loop through the image field's metadata, to which
+per-epoch columns are added: the one per-batch input FFCV passes into its compiled code, and never
+frozen into it.
 
 FFCV's own Reader trusts the file: a truncated or foreign file surfaces later as a numba KeyError, a
 garbage shape or a crash inside a compiled loop. `open_beton` checks the header, the field
 descriptors, the metadata and the allocation table against the file's size first, and names what is
 wrong in one InputError. Every entry point here opens files through it.
-
-The .beton files come from `python -m fastbyol.convert DIR --to ffcv`: fields `image` (RGBImageField's
-format: JPEG bytes plus width and height) and `label` (IntField).
 """
 from __future__ import annotations
 
+import functools
+import json
+import logging
+import math
 import os
+import queue
+import time
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from fastbyol import InputError
+from fastbyol.kernels.augment import normalize, photometric
+from fastbyol.kernels.crop_resize import PackedImages, pack_images
+from fastbyol.pipelines.prefetch import ViewJob, crop_views, prefetch, to_device
+from fastbyol.pipelines.torchvision import eval_crop
+from fastbyol.views import Views, byol_view_specs, epoch_batches, fixed_subset, sample_view_params, view_dtype
+
+log = logging.getLogger(__name__)
 
 MAX_FIELDS = 64  # far above any real .beton; guards against reading a huge descriptor table from junk
 CONVERT_HINT = "write it again with `python -m fastbyol.convert DIR --to ffcv`"
+INSTALL_HINT = ("pip install 'fastbyol[ffcv]', which builds against the apt packages pkg-config "
+                "libturbojpeg0-dev libopencv-dev")
 
 
 def _ffcv():
@@ -27,7 +60,7 @@ def _ffcv():
         from ffcv.writer import MAX_PAGE_SIZE, MIN_PAGE_SIZE
     except (ImportError, OSError) as err:
         raise InputError(f"reading .beton files needs FFCV, which does not import ({type(err).__name__}: "
-                         f"{err}); see `pip install 'fastbyol[ffcv]'`") from err
+                         f"{err}): {INSTALL_HINT}") from err
     return reader, types, MIN_PAGE_SIZE, MAX_PAGE_SIZE
 
 
@@ -116,3 +149,463 @@ def constant_size_loader(path: str | os.PathLike, batch_size: int, workers: int 
     from ffcv.loader import Loader, OrderOption
     return Loader(str(path), batch_size=batch_size, num_workers=workers, order=OrderOption.SEQUENTIAL,
                   pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]}, drop_last=False)
+
+
+# ---- numba kernels --------------------------------------------------------------------------------
+# Plain Python functions, compiled once per process by `_kernels(jit=True)` (the FFCV pipeline that
+# calls them is compiled per FFCV Loader, but only its small per-batch loop). With FFCV's Compiler
+# disabled they run as Python, which the decode-count test uses.
+
+PRECISION_BITS = 22  # PIL's fixed-point resampling precision (32 - 8 - 2)
+
+
+def _cubic(x):
+    """PIL's bicubic filter (a = -0.5), which torchvision's antialiased bicubic resize uses too."""
+    a = -0.5
+    x = abs(x)
+    if x < 1.0:
+        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    if x < 2.0:
+        return (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return 0.0
+
+
+def _resample_coefficients(in_size, out_size, cubic):
+    """PIL's precompute_coeffs + normalize_coeffs_8bpc for one axis: per output pixel, the first input
+    pixel, the number of taps and the fixed-point weights."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 2.0 * filterscale
+    inverse = 1.0 / filterscale
+    taps = int(math.ceil(support)) * 2 + 1
+    starts = np.empty(out_size, np.int64)
+    counts = np.empty(out_size, np.int64)
+    weights = np.zeros((out_size, taps), np.int64)
+    kernel = np.empty(taps, np.float64)
+    for xx in range(out_size):
+        center = (xx + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)  # int() truncates toward 0, as C's cast
+        xmax = min(int(center + support + 0.5), in_size) - xmin
+        total = 0.0
+        for x in range(xmax):
+            kernel[x] = cubic((x + xmin - center + 0.5) * inverse)
+            total += kernel[x]
+        for x in range(xmax):
+            w = kernel[x] / total if total != 0.0 else 0.0
+            weights[xx, x] = int(w * (1 << PRECISION_BITS) + (0.5 if w >= 0 else -0.5))
+        starts[xx] = xmin
+        counts[xx] = xmax
+    return starts, counts, weights
+
+
+def _clip8(value):
+    return 0 if value < 0 else (255 if value > 255 else value)
+
+
+@functools.cache
+def _kernels(jit: bool):
+    """The per-image kernels, numba-compiled (jit) or as Python."""
+    from types import SimpleNamespace
+
+    from ffcv.libffcv import imdecode
+    if jit:
+        import numba
+        compile_ = numba.njit(nogil=True, cache=False)
+    else:
+        def compile_(fn):
+            return fn
+    imdecode_ = compile_(imdecode)
+    cubic, clip8 = compile_(_cubic), compile_(_clip8)
+    coefficients = compile_(_resample_coefficients)
+    half, bits = 1 << (PRECISION_BITS - 1), PRECISION_BITS
+
+    def decode(data, mode, height, width, hwc):
+        """One image into hwc (flat uint8, >= H * W * 3) as H x W x 3 RGB; libjpeg-turbo's status."""
+        if mode == 0:  # IMAGE_MODES["jpg"]
+            return imdecode_(data, hwc, height, width, height, width, 0, 0, 1, 1, False, False)
+        hwc[:height * width * 3] = data[:height * width * 3]
+        return 0
+
+    def to_chw(hwc, height, width, out):
+        """H x W x 3 (flat) to 3 x H x W (flat, at the start of out)."""
+        plane = height * width
+        for p in range(plane):
+            for c in range(3):
+                out[c * plane + p] = hwc[p * 3 + c]
+
+    def resize_view(hwc, width, top, left, box_height, box_width, flip, out):
+        """One view: box (top, left, box_height, box_width) of an H x W x 3 image (flat, row length
+        width), resized to out's S x S by PIL's antialiased bicubic (horizontal pass, uint8, then
+        vertical), flipped if asked, into out (3, S, S)."""
+        size = out.shape[1]
+        xs, xn, xw = coefficients(box_width, size, cubic)
+        ys, yn, yw = coefficients(box_height, size, cubic)
+        rows = np.empty((box_height, size, 3), np.uint8)
+        for y in range(box_height):
+            base = ((top + y) * width + left) * 3
+            for xx in range(size):
+                for c in range(3):
+                    acc = half
+                    for k in range(xn[xx]):
+                        acc += np.int64(hwc[base + (xs[xx] + k) * 3 + c]) * xw[xx, k]
+                    rows[y, xx, c] = clip8(acc >> bits)
+        for yy in range(size):
+            for xx in range(size):
+                ox = size - 1 - xx if flip else xx
+                for c in range(3):
+                    acc = half
+                    for k in range(yn[yy]):
+                        acc += np.int64(rows[ys[yy] + k, xx, c]) * yw[yy, k]
+                    out[c, yy, ox] = clip8(acc >> bits)
+
+    return SimpleNamespace(decode=compile_(decode), to_chw=compile_(to_chw),
+                           resize_view=compile_(resize_view))
+
+
+# ---- FFCV pieces ----------------------------------------------------------------------------------
+
+VIEW_COLUMNS = tuple(f"{name}{view}" for view in (0, 1) for name in ("top", "left", "height", "width", "flip"))
+
+
+@functools.cache
+def _ffcv_classes():
+    """(`ImageOp`, `GivenOrder`): subclasses of FFCV's, defined once FFCV imports."""
+    try:
+        from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+        from ffcv.pipeline.allocation_query import AllocationQuery
+        from ffcv.pipeline.compiler import Compiler
+        from ffcv.traversal_order.base import TraversalOrder
+    except (ImportError, OSError) as err:
+        raise InputError(f"--loader ffcv needs FFCV, which does not import ({type(err).__name__}: {err}): "
+                         f"{INSTALL_HINT}") from err
+    from dataclasses import replace
+
+    class ImageOp(SimpleRGBImageDecoder):  # FFCV takes an RGBImageField's decoder by this class
+        """The image field's decoder, one decode per image. kind:
+        "packed"  decoded 3 x H x W images back to back (batch row i holds no particular image);
+        "views"   (n, 2, 3, S, S): both views, from the VIEW_COLUMNS of the field's metadata;
+        "bytes"   the stored bytes, row i = image i (its length is the caller's)."""
+
+        def __init__(self, kind: str, size: int = 0, max_bytes: int = 0):
+            super().__init__()  # (SimpleRGBImageDecoder's own methods are all replaced below)
+            self.kind, self.size, self.max_bytes = kind, size, max_bytes
+
+        def declare_state_and_memory(self, previous_state):
+            pixels = int(self.metadata["height"].max()) * int(self.metadata["width"].max()) * 3
+            u8 = np.dtype("<u1")
+            shape = dict(packed=(pixels,), views=(2, 3, self.size, self.size), bytes=(self.max_bytes,))[self.kind]
+            memory = AllocationQuery(shape, u8)
+            if self.kind != "bytes":  # + a decode buffer per image
+                memory = (memory, AllocationQuery((pixels,), u8))
+            return replace(previous_state, jit_mode=True, shape=shape, dtype=u8), memory
+
+        def generate_code(self):
+            kernels = _kernels(Compiler.is_enabled)
+            decode, to_chw, resize_view = kernels.decode, kernels.to_chw, kernels.resize_view
+            mem_read, my_range = self.memory_read, Compiler.get_iterator()
+
+            def packed(batch_indices, memory, metadata, storage_state):
+                out, scratch = memory
+                flat = out.reshape(-1)
+                n = len(batch_indices)
+                starts = np.zeros(n, np.int64)
+                for i in range(1, n):
+                    row = metadata[batch_indices[i - 1]]
+                    starts[i] = starts[i - 1] + np.int64(row["height"]) * np.int64(row["width"]) * 3
+                for i in my_range(n):
+                    row = metadata[batch_indices[i]]
+                    height, width = np.int64(row["height"]), np.int64(row["width"])
+                    decode(mem_read(row["data_ptr"], storage_state), row["mode"], height, width, scratch[i])
+                    to_chw(scratch[i], height, width, flat[starts[i]:starts[i] + height * width * 3])
+                return out[:n]
+
+            def views(batch_indices, memory, metadata, storage_state):
+                out, scratch = memory
+                n = len(batch_indices)
+                for i in my_range(n):
+                    row = metadata[batch_indices[i]]
+                    height, width = np.int64(row["height"]), np.int64(row["width"])
+                    decode(mem_read(row["data_ptr"], storage_state), row["mode"], height, width, scratch[i])
+                    resize_view(scratch[i], width, row["top0"], row["left0"], row["height0"], row["width0"],
+                                row["flip0"], out[i, 0])
+                    resize_view(scratch[i], width, row["top1"], row["left1"], row["height1"], row["width1"],
+                                row["flip1"], out[i, 1])
+                return out[:n]
+
+            def raw_bytes(batch_indices, out, metadata, storage_state):
+                n = len(batch_indices)
+                for i in my_range(n):
+                    data = mem_read(metadata[batch_indices[i]]["data_ptr"], storage_state)
+                    out[i, :len(data)] = data
+                return out[:n]
+
+            code = dict(packed=packed, views=views, bytes=raw_bytes)[self.kind]
+            code.is_parallel = True
+            return code
+
+    class GivenOrder(TraversalOrder):
+        """Our order, as FFCV 1.0.2 takes one: an instance whose call with the Loader returns it.
+        `order` is set before each epoch (dataset indices, this rank's batches back to back)."""
+
+        def __init__(self, order: np.ndarray):
+            self.order = order
+
+        def __call__(self, loader):
+            return self
+
+        def sample_order(self, epoch: int) -> np.ndarray:
+            return self.order
+
+    return ImageOp, GivenOrder
+
+
+class _Pipeline:
+    """One FFCV Loader (image field by `kind`, label as int64) and its order; made once per process for
+    each set of settings (`_pipeline`), because numba compiles each new Loader's code."""
+
+    def __init__(self, path: Path, kind: str, batch_size: int, workers: int, os_cache: bool, size: int,
+                 max_bytes: int):
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.loader import Loader
+        ImageOp, GivenOrder = _ffcv_classes()
+        self.order = GivenOrder(np.arange(batch_size, dtype=np.uint64))
+        self.loader = Loader(str(path), batch_size=batch_size, num_workers=workers, os_cache=os_cache,
+                             order=self.order, distributed=False, drop_last=False, batches_ahead=2,
+                             pipelines={"image": [ImageOp(kind, size, max_bytes)], "label": [IntDecoder()]})
+        self.metadata = self.loader.reader.metadata  # FFCV's own, before any columns are added
+        self.compiled = False
+        self.what = f"{path.name} ({kind}, batch {batch_size}, {workers} threads)"
+
+    def run(self, order: np.ndarray, epoch: int = 0, metadata: np.ndarray | None = None
+            ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (images, labels (n,)) per batch of `order`; FFCV's buffers, valid until the next
+        batch is asked for."""
+        loader = self.loader
+        self.order.order = order.astype(np.uint64)
+        loader.first_traversal_order = self.order.order  # FFCV's len(): this epoch's, not epoch 0's
+        loader.next_epoch = epoch
+        loader.reader.metadata = self.metadata if metadata is None else metadata
+        batches = iter(loader)
+        try:
+            start = time.perf_counter()
+            while (batch := _next_batch(batches)) is not None:
+                if not self.compiled:
+                    self.compiled = True
+                    log.info("FFCV pipeline %s: numba compiled it and decoded the first batch in %.1f s "
+                             "(once per process)", self.what, time.perf_counter() - start)
+                images, labels = batch
+                yield images, labels.reshape(-1)
+        finally:
+            batches.close()
+
+
+def _next_batch(batches):
+    """FFCV's EpochIterator.__next__, except that a loading thread that died (its traceback printed)
+    raises here instead of leaving the caller waiting forever. None at the end of the epoch."""
+    while True:
+        try:
+            item = batches.output_queue.get(timeout=1.0)
+            break
+        except queue.Empty:
+            if not batches.is_alive():
+                raise RuntimeError(f"FFCV's loading thread for {batches.loader.fname} died (its error is "
+                                   "printed above)") from None
+    if item is None:
+        batches.close()
+        return None
+    slot, result = item
+    if torch.cuda.is_available():  # as FFCV does: wait for the batch's copies on its stream
+        batches.current_stream.wait_stream(batches.cuda_streams[slot])
+    return result
+
+
+_PIPELINES: dict[tuple, _Pipeline] = {}
+
+
+def _pipeline(path: Path, kind: str, batch_size: int, workers: int, os_cache: bool, size: int = 0,
+              max_bytes: int = 0) -> _Pipeline:
+    """The process's pipeline for these settings (training and evaluation loaders share one)."""
+    workers, size = max(1, workers), size if kind == "views" else 0
+    key = (str(path.resolve()), kind, batch_size, workers, os_cache, size, max_bytes)
+    if key not in _PIPELINES:
+        _PIPELINES[key] = _Pipeline(path, kind, batch_size, workers, os_cache, size, max_bytes)
+    return _PIPELINES[key]
+
+
+# ---- The loaders ----------------------------------------------------------------------------------
+
+def beton_path(root: str | os.PathLike, split: str) -> Path:
+    """root/<split>.beton (the converter's output folder), or root itself for 'train' if it is a .beton."""
+    root = Path(root)
+    if root.suffix == ".beton" and split == "train":
+        return root
+    path = root / f"{split}.beton"
+    if not path.is_file():
+        raise InputError(f"{path}: no such file (--loader ffcv reads the output folder of "
+                         f"`python -m fastbyol.convert DIR --to ffcv`)")
+    return path
+
+
+def native_side(root: str | os.PathLike) -> int:
+    """The largest side among the train .beton's images (from its metadata: nothing is decoded)."""
+    reader = open_beton(beton_path(root, "train"))
+    meta = reader.metadata[f"f{reader.field_names.index('image')}"]
+    return int(max(meta["height"].max(), meta["width"].max()))
+
+
+class _BetonLoader:
+    """What the training and evaluation loaders share: the .beton, its image sizes and stored byte
+    counts, the classes, the device and the decode mode."""
+
+    def __init__(self, root, split: str, workers: int, device, dtype, ffcv_decode: str, os_cache: bool):
+        if ffcv_decode not in ("cpu", "gpu"):
+            raise InputError(f"--ffcv-decode {ffcv_decode}: choose cpu or gpu")
+        self.path = beton_path(root, split)
+        reader = open_beton(self.path)
+        if reader.field_names[:2] != ["image", "label"]:
+            raise InputError(f"{self.path}: fields {reader.field_names}, expected image and label ({CONVERT_HINT})")
+        image = reader.metadata["f0"]
+        self.heights = torch.from_numpy(image["height"].astype(np.int64))
+        self.widths = torch.from_numpy(image["width"].astype(np.int64))
+        table = reader.alloc_table
+        sizes = dict(zip(table["ptr"].tolist(), table["size"].tolist()))
+        self.nbytes = np.array([sizes[p] for p in image["data_ptr"].tolist()], np.int64)
+        if ffcv_decode == "gpu" and (image["mode"] != 0).any():
+            raise InputError(f"{self.path}: --ffcv-decode gpu needs JPEG images, and some are stored as raw "
+                             f"pixels ({CONVERT_HINT})")
+        classes = Path(root) / "classes.json"
+        labels = reader.metadata["f1"]
+        self.num_classes = (len(json.loads(classes.read_text())) if classes.is_file()
+                            else int(labels.max()) + 1 if len(labels) else 0)
+        self.dataset_size = len(image)
+        self.workers, self.os_cache, self.ffcv_decode = workers, os_cache, ffcv_decode
+        self.device = torch.device(device)
+        self.dtype = dtype or view_dtype("bf16", self.device)
+        self.bad_files: Counter[str] = Counter()  # the converter has excluded them already
+
+    def _images(self, images: np.ndarray, index: np.ndarray) -> PackedImages:
+        """The batch's decoded images from a "packed" pipeline's output (on the host, in FFCV's buffer),
+        or decoded here from a "bytes" pipeline's output (on the device)."""
+        heights, widths = self.heights[index], self.widths[index]
+        if self.kind == "packed":
+            numel = 3 * heights * widths
+            data = torch.from_numpy(images.reshape(-1)[:int(numel.sum())])
+            return PackedImages(data, torch.cumsum(numel, 0) - numel, heights, widths)
+        import torchvision.io  # looked up at each call: the decode-count test wraps decode_jpeg
+        encoded = [torch.from_numpy(images[i, :n]) for i, n in enumerate(self.nbytes[index].tolist())]
+        decoded = torchvision.io.decode_jpeg(encoded, mode=torchvision.io.ImageReadMode.RGB, device=self.device)
+        return pack_images(decoded, self.device)
+
+
+class FfcvLoader(_BetonLoader):
+    """BYOL training views from `root`/<split>.beton (see the module docstring). `epoch(e)` yields this
+    rank's `Views`; len() is the number of batches per epoch, the same on every rank. `crop_on`:
+    "device" (design (a)) or "cpu" (design (b)), for ffcv_decode="cpu"."""
+
+    def __init__(self, root: str | os.PathLike, split: str = "train", *, batch_size: int,
+                 image_size: int = 224, small: bool = False, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, workers: int = 0, device: str | torch.device = "cpu",
+                 crop_scale: tuple[float, float] = (0.08, 1.0), subset: int = 0,
+                 dtype: torch.dtype | None = None, ffcv_decode: str = "cpu", os_cache: bool = False,
+                 crop_on: str = "device"):
+        if crop_on not in ("device", "cpu"):
+            raise ValueError(f"crop_on={crop_on!r}: expected 'device' or 'cpu'")
+        super().__init__(root, split, workers, device, dtype, ffcv_decode, os_cache)
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.specs = byol_view_specs(image_size, small=small, scale=crop_scale)
+        self.indices = fixed_subset(self.dataset_size, subset or None, seed)
+        if len(self) == 0:
+            raise InputError(f"{self.path}: {len(self.indices)} {split} images are fewer than one "
+                             f"global batch ({batch_size} x {world_size} ranks)")
+        self.kind = "bytes" if ffcv_decode == "gpu" else "views" if crop_on == "cpu" else "packed"
+        self.pipeline = _pipeline(self.path, self.kind, batch_size, workers, os_cache, image_size,
+                                  int(self.nbytes.max()) if self.kind == "bytes" else 0)
+
+    def __len__(self) -> int:
+        return len(self.indices) // (self.batch_size * self.world_size)
+
+    def _with_boxes(self, index: np.ndarray, params) -> np.ndarray:
+        """FFCV's metadata with each sample's two crop boxes and flips added to the image field, for
+        the "views" pipeline (samples outside this epoch keep zeros: never read)."""
+        base = self.pipeline.metadata
+        image_dtype = base.dtype["f0"]
+        fields = [(name, image_dtype.fields[name][0]) for name in image_dtype.names]
+        columns = np.dtype(fields + [(name, "<i8") for name in VIEW_COLUMNS])
+        metadata = np.zeros(len(base), np.dtype([("f0", columns), ("f1", base.dtype["f1"])]))
+        for name in image_dtype.names:
+            metadata["f0"][name] = base["f0"][name]
+        metadata["f1"] = base["f1"]
+        for view, p in enumerate(params):
+            for name, values in zip(("top", "left", "height", "width"), p.crop.unbind(1)):
+                metadata["f0"][f"{name}{view}"][index] = values.numpy()
+            metadata["f0"][f"flip{view}"][index] = p.flip.numpy()
+        return metadata
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Views]:
+        """This rank's batches of epoch `epoch`, from batch `start_batch` on (skipped batches are never
+        read, so a resumed run continues exactly)."""
+        positions = epoch_batches(len(self.indices), self.batch_size, self.world_size, self.rank,
+                                  self.seed, epoch)[start_batch:]
+        if not positions:
+            return
+        order = np.asarray(self.indices, np.int64)[np.asarray(positions)].reshape(-1)
+        heights, widths = self.heights[order], self.widths[order]
+        params = [sample_view_params(self.seed, epoch, order, view, spec, heights, widths)
+                  for view, spec in enumerate(self.specs)]
+        metadata = self._with_boxes(order, params) if self.kind == "views" else None
+
+        def jobs():
+            for k, (images, labels) in enumerate(self.pipeline.run(order, epoch, metadata)):
+                rows = slice(k * self.batch_size, (k + 1) * self.batch_size)
+                index = order[rows]
+                pair = tuple(type(p)(*(field[rows] for field in p)) for p in params)
+                # labels: a copy, as FFCV reuses its buffers
+                labels, index = torch.tensor(labels, dtype=torch.int64), torch.from_numpy(index)
+                if self.kind == "views":
+                    yield torch.from_numpy(images), pair, labels, index
+                else:
+                    yield ViewJob(self._images(images, index.numpy()), pair, labels, index)
+
+        yield from prefetch(jobs(), self._engine, self.device)
+
+    def _engine(self, job) -> Views:
+        """Views from one batch's job on the device: crop_resize (unless the views came cropped) and
+        photometric."""
+        if self.kind != "views":
+            return crop_views(job, self.specs, self.dtype)
+        both, pair, labels, index = job
+        v1, v2 = (photometric(both[:, view], p, spec, self.dtype)
+                  for view, (p, spec) in enumerate(zip(pair, self.specs)))
+        return Views(v1, v2, labels, index)
+
+
+class FfcvEvalLoader(_BetonLoader):
+    """Deterministic evaluation crops (the reference loader's: bicubic resize to S for small images,
+    else shorter side to S * 256 / 224 and a centre S x S crop), as (images, labels, index) batches,
+    normalized, on the device. `max_samples` keeps a random subset keyed by `seed`; under world_size > 1
+    each rank reads a disjoint contiguous slice of it."""
+
+    def __init__(self, root: str | os.PathLike, split: str = "val", *, image_size: int, batch_size: int,
+                 small: bool = False, workers: int = 0, device: str | torch.device = "cpu", rank: int = 0,
+                 world_size: int = 1, max_samples: int | None = None, seed: int = 0,
+                 dtype: torch.dtype | None = None, ffcv_decode: str = "cpu", os_cache: bool = False):
+        super().__init__(root, split, workers, device, dtype, ffcv_decode, os_cache)
+        self.image_size, self.small, self.batch_size = image_size, small, batch_size
+        chosen = fixed_subset(self.dataset_size, max_samples, seed)
+        self.indices = chosen[rank * len(chosen) // world_size:(rank + 1) * len(chosen) // world_size]
+        self.kind = "bytes" if ffcv_decode == "gpu" else "packed"
+        self.pipeline = _pipeline(self.path, self.kind, batch_size, workers, os_cache, 0,
+                                  int(self.nbytes.max()) if self.kind == "bytes" else 0)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.indices) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        order = np.asarray(self.indices, np.int64)
+        for k, (images, labels) in enumerate(self.pipeline.run(order)):
+            index = torch.from_numpy(order[k * self.batch_size:(k + 1) * self.batch_size])
+            job = self._images(images, index.numpy()), torch.tensor(labels, dtype=torch.int64), index
+            packed, labels, index = to_device(job, self.device)
+            crops = torch.stack([eval_crop(packed.image(i), self.image_size, self.small)
+                                 for i in range(len(index))])
+            yield normalize(crops, self.dtype), labels, index
