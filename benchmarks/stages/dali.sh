@@ -1,9 +1,9 @@
 # timeout: 420
 # kit: dali
 # data: oddjpegs
-# about: DALI loader: the 287 odd files' converter list decoded by the mixed decoder at hw_decoder_load 0 and 1; bench loader --loader dali (hw_decoder_load 0, 0.65, 1) on 10,000 generated 500x375 JPEGs vs torchvision (a worker per core) and DALI's own colour ops
+# about: DALI loader: the GPU graph vs the CPU graph (cuda tests); the 287 odd files' converter list decoded by the mixed decoder at hw_decoder_load 0 and 1; bench loader --loader dali (hw_decoder_load 0, 0.65, 1) on 10,000 generated 500x375 JPEGs vs torchvision (a worker per core) and DALI's own colour ops
 # Writes $OUT/dali-odd.json (per hw_decoder_load: files listed, decoded, the error if any) as soon as the
-# odd files are done, then $OUT/dali-loader.json (bench loader's rows, saved after each row).
+# odd files are done, the cuda tests' output to the log, then $OUT/dali-loader.json (bench loader's rows, saved after each row).
 set -uo pipefail
 data=${FASTBYOL_SHARED_DATA:-../shared/data}
 work=$(mktemp -d)
@@ -34,7 +34,11 @@ json.dump(result, open(sys.argv[2], "w"), indent=1)
 sys.exit(1 if failed else 0)
 PY
 
-# 2. The benchmark folder, made here from the carried photos, and the loader benchmark on it.
+# 2. The GPU graph against the CPU graph (same batches and parameters; pixel differences printed)
+PYTHONUNBUFFERED=1 timeout 120 python3 -m pytest -m cuda -q -s -p no:cacheprovider -rA \
+  tests/test_dali_loader.py || rc=1
+
+# 3. The benchmark folder, made here from the carried photos, and the loader benchmark on it.
 python3 benchmarks/make_bench_folder.py "$work/bench" --count 10000 \
   --photos "$data/oddjpegs/dali_extra/single/jpeg" || rc=1
 python3 -m fastbyol.bench loader --data "$work/bench" --loader dali --hw-decoder-load 0 0.65 1 \
