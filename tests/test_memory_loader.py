@@ -184,15 +184,20 @@ def test_every_image_is_decoded_once_and_shared_with_the_eval_loaders(folder, mo
 
 
 def test_data_that_would_not_fit_is_refused_before_decoding(folder, monkeypatch, tmp_path, capsys):
+    need = sum(3 * Image.open(p).width * Image.open(p).height for p in (folder / "train").rglob("*.*"))
     decoded = []
     monkeypatch.setattr(tvp, "decode_image", lambda path: decoded.append(path))
-    monkeypatch.setattr(memory, "memory_budget", lambda device: 1000)
+    monkeypatch.setattr(memory, "memory_budget", lambda device: need - 1)
     with pytest.raises(InputError) as err:
         MemoryLoader(folder, **OPTIONS)
     message = str(err.value)
-    need = sum(3 * Image.open(p).width * Image.open(p).height for p in (folder / "train").rglob("*.*"))
     assert "\n" not in message and "--loader dali|ffcv" in message and str(folder) in message
     assert f"{need / 2**20:.1f} MiB" in message and not decoded
+    monkeypatch.setattr(tvp, "decode_image", decode_image)
+    monkeypatch.setattr(memory, "memory_budget", lambda device: need)
+    assert MemoryLoader(folder, **OPTIONS).dataset_size == 13  # exactly enough is enough
+    memory._RESIDENT.clear()
+    monkeypatch.setattr(memory, "memory_budget", lambda device: 1000)
     # Through the trainer: the one-line error and exit status 2 of every InputError.
     with pytest.raises(SystemExit) as exit_:
         train_mod.main(["--data", str(folder), "--loader", "memory", "--out", str(tmp_path / "run")])
@@ -285,11 +290,16 @@ def test_one_buffer_carries_every_host_tensor_in_one_copy():
 
 
 def test_prefetch_on_the_cpu_is_a_pass_through():
-    calls = []
-    jobs = (torch.full((2,), k) for k in range(4))
-    out = prefetch(jobs, lambda job: calls.append(int(job[0])) or job * 2, "cpu")
-    assert calls == []  # lazily
-    assert next(out).tolist() == [0, 0] and calls == [0]  # no batch ahead on the CPU
+    made, calls = [], []
+
+    def jobs():
+        for k in range(4):
+            made.append(k)
+            yield torch.full((2,), k)
+
+    out = prefetch(jobs(), lambda job: calls.append(int(job[0])) or job * 2, "cpu")
+    assert made == calls == []  # lazily
+    assert next(out).tolist() == [0, 0] and made == calls == [0]  # no batch ahead on the CPU
     assert [t.tolist() for t in out] == [[2, 2], [4, 4], [6, 6]]
 
 
