@@ -50,11 +50,12 @@ class BYOLStep:
         forward, update = net or model, self._update
         if compile != "off":
             # What the update writes must keep one address for a CUDA graph to capture it (else
-            # reduce-overhead skips the graph): the momentum buffers, the target and the BN buffers
-            # it copies. lr and tau are read each replay from theirs. Parameters are static already.
-            # Each of these tensors lives as long as the step (load_state_dict copies into them).
+            # reduce-overhead skips the graph): the momentum buffers, the weights (reached through
+            # self.groups, not as module attributes, so not static by default) and the BN buffers
+            # the EMA copies; lr and tau are then read in place at each replay. Each of these
+            # tensors lives as long as the step (load_state_dict copies into them).
             for tensor in [self.lr, self.tau, *(b for _, _, bufs in self.groups for b in bufs),
-                           *model.buffers()]:
+                           *model.parameters(), *model.buffers()]:
                 torch._dynamo.mark_static_address(tensor)
             mode = None if compile == "default" else compile
             forward = torch.compile(forward, mode=mode, backend=backend)

@@ -61,3 +61,19 @@ def test_a_failure_after_a_variant_keeps_the_checks_and_the_measured_variant(tmp
     saved = json.loads((tmp_path / "step.json").read_text())
     assert saved["syncbn"]["matches"]
     assert [r["variant"] for r in saved["rows"]] == ["plain"] and saved["rows"][0]["img/s"] > 0
+
+
+def test_gpu_stages_dry_run_lists_timeout_kit_and_data_and_this_issues_stages_fit_one_call():
+    result = subprocess.run(["bash", "benchmarks/gpu.sh", "--dry-run"], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    header, *lines = result.stdout.splitlines()
+    assert header.split()[:4] == ["stage", "timeout_s", "kit", "MiB"]
+    stages = {}
+    for line in lines:
+        name, timeout, kit, mib = line.split()[:4]
+        assert kit in ("none", "dali", "ffcv") and int(mib) >= 0, line
+        stages[name] = int(timeout)
+    assert {"preflight", "cuda-tests", "step"} <= set(stages)
+    # one device call runs at most 600 s: these three run in one call
+    assert stages["preflight"] + stages["cuda-tests"] + stages["step"] <= 600
