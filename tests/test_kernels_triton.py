@@ -114,6 +114,28 @@ def test_photo_crops_under_the_byol_specs(shared_data):
         check_tolerances(out, reference(expected_views, params, spec), params, f"photos, view {view + 1}")
 
 
+def test_the_gpu_tiling_under_the_interpreter(shared_data, monkeypatch):
+    """The programs a GPU runs (one sample and 8 rows each: the jitter op picked by a branch, each
+    contrast mean summed across row tiles, crops resized in row tiles) interpreted on a few samples."""
+    import fastbyol.kernels.augment as augment
+    import fastbyol.kernels.crop_resize as crop
+    for module in (augment, crop):
+        monkeypatch.setattr(module, "tiling", lambda device, n, rows: (1, 8))
+    spec = ViewSpec(size=64)  # 7-tap blur
+    sources = cifar_images(shared_data, 2)
+    # Each sample takes all four branches, in its own order; gray, blur and solarize on, then off.
+    rows = torch.tensor([14 * 8 + 7, 23 * 8])
+    params = combination_params(int(rows.max()) + 1, seed=5, spec=spec)
+    params = params._replace(**{name: field[rows] for name, field in params._asdict().items()})
+    box = [2, 1, 29, 30]
+    views = crop_resize(pack_images(sources), torch.tensor([box] * 2), params.gray, 12, backend="triton")
+    expected = torch.stack([crop_and_flip(img, box, bool(params.gray[i]), 12) for i, img in enumerate(sources)])
+    assert (views.to(torch.int16) - expected).abs().max() <= 1
+    out = photometric(expected, params, spec, backend="triton")
+    check_tolerances(out, reference(expected, params, spec), params, "GPU tiling, interpreted")
+    check_normalized(expected, params, spec, out, torch.float32)
+
+
 def test_the_default_backend_is_the_twin_on_the_cpu(monkeypatch):
     import fastbyol.kernels.augment as augment
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as nnf
 import torchvision.transforms.v2.functional as F
 
-from fastbyol.kernels.triton_launch import host_table, launch, tl, triton, use_triton
+from fastbyol.kernels.triton_launch import host_table, launch, tiling, tl, triton, use_triton
 from fastbyol.views import IMAGENET_MEAN, IMAGENET_STD, ViewParams, ViewSpec
 
 # Indexed by ViewParams.order entries, in views.JITTER_OPS order.
@@ -256,10 +256,7 @@ def _photometric_triton(images: torch.Tensor, params: ViewParams, spec: ViewSpec
     rows = torch.empty(n, 3, height, width, dtype=torch.float32, device=device)
     grid_points = _blur_grid(spec.blur_kernel, device)
     block_cols = triton.next_power_of_2(width)
-    if device.type == "cuda":
-        samples, block_rows = 1, 8
-    else:
-        samples, block_rows = min(triton.next_power_of_2(n), 64), triton.next_power_of_2(height)
+    samples, block_rows = tiling(device, n, height)
     grid = (triton.cdiv(n, samples), triton.cdiv(height, block_rows))
     blocks = dict(BLOCK_N=samples, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
     for mean_pass, dst in ((True, sums), (False, colour)):
@@ -304,6 +301,23 @@ if triton is not None:
     def _to_uint8_tl(x):
         """Clamp to [0, 255] and truncate, as torchvision's _blend does."""
         return tl.floor(tl.minimum(tl.maximum(x, 0.0), 255.0))
+
+    @triton.jit
+    def _scalar_tl(x):
+        """The one value of a (1, 1, 1) array."""
+        return tl.max(tl.max(tl.max(x, axis=2), axis=1), axis=0)
+
+    @triton.jit
+    def _brightness_tl(r, g, b, factor):
+        """adjust_brightness: _blend with black, whose FMA adds an exact zero."""
+        return _to_uint8_tl(r * factor), _to_uint8_tl(g * factor), _to_uint8_tl(b * factor)
+
+    @triton.jit
+    def _blend_tl(r, g, b, other, ratio):
+        """torchvision's _blend on uint8 values: x.mul(ratio).add_(other, alpha=1 - ratio), one FMA."""
+        return (_to_uint8_tl(_fma_tl(other, 1.0 - ratio, r * ratio)),
+                _to_uint8_tl(_fma_tl(other, 1.0 - ratio, g * ratio)),
+                _to_uint8_tl(_fma_tl(other, 1.0 - ratio, b * ratio)))
 
     @triton.jit
     def _hue_tl(r, g, b, shift):
@@ -364,20 +378,27 @@ if triton is not None:
         for p in tl.static_range(3 if MEAN_PASS else 4):  # contrast is never preceded by 4 ops
             op = tl.load(prm + 5 + p).to(tl.int32)
             on = jitter & (p < contrast_at) if MEAN_PASS else jitter
-            hr, hg, hb = _hue_tl(r, g, b, shift)
-            gray = _luma_tl(r, g, b)
-            r = tl.where(on & (op == 0), _to_uint8_tl(r * bright),
-                         tl.where(on & (op == 1), _to_uint8_tl(_fma_tl(mean, 1.0 - contrast, r * contrast)),
-                                  tl.where(on & (op == 2), _to_uint8_tl(_fma_tl(gray, 1.0 - sat, r * sat)),
-                                           tl.where(on & (op == 3), hr, r))))
-            g = tl.where(on & (op == 0), _to_uint8_tl(g * bright),
-                         tl.where(on & (op == 1), _to_uint8_tl(_fma_tl(mean, 1.0 - contrast, g * contrast)),
-                                  tl.where(on & (op == 2), _to_uint8_tl(_fma_tl(gray, 1.0 - sat, g * sat)),
-                                           tl.where(on & (op == 3), hg, g))))
-            b = tl.where(on & (op == 0), _to_uint8_tl(b * bright),
-                         tl.where(on & (op == 1), _to_uint8_tl(_fma_tl(mean, 1.0 - contrast, b * contrast)),
-                                  tl.where(on & (op == 2), _to_uint8_tl(_fma_tl(gray, 1.0 - sat, b * sat)),
-                                           tl.where(on & (op == 3), hb, b))))
+            if BLOCK_N == 1:  # one sample per program (GPU): a branch runs only its op
+                op = _scalar_tl(tl.where(on, op, -1))
+                if op == 0:
+                    r, g, b = _brightness_tl(r, g, b, bright)
+                elif op == 1:
+                    r, g, b = _blend_tl(r, g, b, mean, contrast)
+                elif op == 2:
+                    r, g, b = _blend_tl(r, g, b, _luma_tl(r, g, b), sat)
+                elif op == 3:
+                    r, g, b = _hue_tl(r, g, b, shift)
+            else:  # samples side by side (interpreter): every op, each sample keeps its own
+                br, bg, bb = _brightness_tl(r, g, b, bright)
+                cr, cg, cb = _blend_tl(r, g, b, mean, contrast)
+                sr, sg, sb = _blend_tl(r, g, b, _luma_tl(r, g, b), sat)
+                hr, hg, hb = _hue_tl(r, g, b, shift)
+                r = tl.where(on & (op == 0), br, tl.where(on & (op == 1), cr, tl.where(
+                    on & (op == 2), sr, tl.where(on & (op == 3), hr, r))))
+                g = tl.where(on & (op == 0), bg, tl.where(on & (op == 1), cg, tl.where(
+                    on & (op == 2), sg, tl.where(on & (op == 3), hg, g))))
+                b = tl.where(on & (op == 0), bb, tl.where(on & (op == 1), cb, tl.where(
+                    on & (op == 2), sb, tl.where(on & (op == 3), hb, b))))
         gray = _luma_tl(r, g, b)
         if MEAN_PASS:
             part = tl.sum(tl.sum(tl.where(live & jitter, gray, 0.0).to(tl.int32), axis=2), axis=1)

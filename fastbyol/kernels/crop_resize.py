@@ -22,7 +22,7 @@ import torch
 import torchvision.transforms.v2.functional as F
 from torchvision.transforms import InterpolationMode
 
-from fastbyol.kernels.triton_launch import host_table, launch, tl, triton, use_triton
+from fastbyol.kernels.triton_launch import host_table, launch, tiling, tl, triton, use_triton
 
 
 def crop_and_flip(img: torch.Tensor, box: list[int], flip: bool, size: int) -> torch.Tensor:
@@ -87,10 +87,8 @@ def crop_resize(images: PackedImages, crop: torch.Tensor, flip: torch.Tensor, si
     # The width pass's output: each crop's rows at the final width.
     rows = torch.empty(n, 3, max_height, size, dtype=torch.uint8, device=device)
     block = triton.next_power_of_2(size)
-    if device.type == "cuda":  # one program per tile of one sample
-        samples, tile_rows, tile_out = 1, 8, 8
-    else:  # the interpreter's cost is per program and op: one program for the whole batch
-        samples, tile_rows, tile_out = triton.next_power_of_2(n), triton.next_power_of_2(max_height), block
+    samples, tile_rows = tiling(device, n, max_height)
+    tile_out = tiling(device, n, size)[1]
     index = [t.contiguous() for t in (images.offsets, images.heights, images.widths)]
     for horizontal, src, dst, tile, extent in ((True, images.data, rows, tile_rows, max_height),
                                                (False, rows, out, tile_out, size)):

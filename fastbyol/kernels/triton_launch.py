@@ -31,6 +31,15 @@ def use_triton(backend: str | None, device: torch.device) -> bool:
     return backend == "triton" or torch.device(device).type == "cuda"
 
 
+def tiling(device: torch.device, n: int, rows: int) -> tuple[int, int]:
+    """(samples, rows) per program for n samples of `rows` rows. On a GPU one program takes 8 rows of
+    one sample. Triton's interpreter costs per program and op, not per pixel, so there one program
+    takes whole images of up to 64 samples (the kernels vectorise over samples for it)."""
+    if device.type == "cuda":
+        return 1, 8
+    return min(triton.next_power_of_2(n), 64), triton.next_power_of_2(rows)
+
+
 def launch(kernel, grid, device: torch.device, *args, **constexprs) -> None:
     """Run a @triton.jit kernel: compiled on CUDA tensors, through Triton's interpreter on CPU
     tensors (the tests' path)."""
