@@ -7,6 +7,7 @@ files converted once. DALI pipeline builds cost about a second: tests share the 
 """
 import collections
 import json
+import os
 import shutil
 import sys
 import tarfile
@@ -19,6 +20,7 @@ pytest.importorskip("nvidia.dali")
 
 from fastbyol import InputError  # noqa: E402
 from fastbyol.convert import convert  # noqa: E402
+from fastbyol.dali_lists import read_split  # noqa: E402
 from fastbyol.kernels.crop_resize import crop_and_flip  # noqa: E402
 from fastbyol.pipelines import torchvision as reference  # noqa: E402
 from fastbyol.pipelines.dali import DaliEvalLoader, DaliLoader, decoders_in, native_side  # noqa: E402
@@ -182,6 +184,11 @@ def test_the_converted_odd_files_go_through_the_cpu_graph(shared_data, tmp_path_
     crops = DaliEvalLoader(out, "train", image_size=32, batch_size=64, small=True)
     seen = [i for _, _, index in crops for i in index.tolist()]
     assert sorted(seen) == list(range(listed))  # every listed file decoded, once
+    # the recorded sizes: the reference's upright image (EXIF applied) and the file's length
+    split = read_split(out, "train")
+    for path, height, width, nbytes in zip(split.paths, split.heights, split.widths, split.nbytes):
+        assert reference.decode_image(path).shape[1:] == (height, width), path
+        assert os.path.getsize(path) == nbytes, path
 
 
 # ---- Errors ----------------------------------------------------------------------------------------------

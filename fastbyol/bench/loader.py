@@ -99,7 +99,7 @@ def dali_colour_ops_rate(args, device, workers: int, hw_decoder_load: float = 0.
     grayscale, blur and solarize, each applied with the recipe's probability via a per-sample mux,
     always in this order; crop_mirror_normalize to the views' dtype, channels-first."""
     from fastbyol.dali_lists import file_list
-    from fastbyol.pipelines.dali import import_dali
+    from fastbyol.pipelines.dali import gpu_index, import_dali
     fn, types, pipeline_def = import_dali()
     out = _converted(Path(args.data), "dali", workers)
     files = file_list(out, "train")
@@ -117,7 +117,7 @@ def dali_colour_ops_rate(args, device, workers: int, hw_decoder_load: float = 0.
         return fn.cast(condition * then + (1 - condition) * otherwise, dtype=types.UINT8)  # solo-learn's Mux
 
     @pipeline_def(batch_size=args.batch_size, num_threads=max(1, min(workers, 8)),
-                  device_id=(device.index or 0) if gpu else None, exec_dynamic=True)
+                  device_id=gpu_index(device) if gpu else None, exec_dynamic=True)
     def fixed_order():
         encoded, _ = fn.readers.file(files=[p for p, _ in files], labels=[label for _, label in files],
                                      random_shuffle=True, name="reader")

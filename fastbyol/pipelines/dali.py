@@ -218,12 +218,17 @@ def _decode(fn, types, encoded, gpu: bool, hw_decoder_load: float):
     return fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
 
 
+def gpu_index(device: torch.device) -> int:
+    """The CUDA device number DALI should use: the device's, else torch's current one."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _pipeline_settings(batch_size: int, workers: int, device: torch.device) -> dict:
     """Pipeline constructor arguments: GPU or CPU graph; Python workers when workers > 0, else the
     callback runs in this process (tiny data, tests)."""
     cores = len(os.sched_getaffinity(0))
     return dict(batch_size=batch_size, num_threads=max(1, min(cores, 8)),
-                device_id=(device.index or 0) if device.type == "cuda" else None,
+                device_id=gpu_index(device) if device.type == "cuda" else None,
                 py_num_workers=max(1, workers), py_start_method="spawn", exec_dynamic=True,
                 prefetch_queue_depth=2)
 
