@@ -10,7 +10,8 @@
 # A stage is benchmarks/stages/<name>.sh, with header lines
 #   # timeout: SECONDS       the stage is killed after that (a device call runs at most 600 s)
 #   # kit: none|dali|ffcv    what ../shared/tools/devkit must have carried and unpacked first
-#   # data: PATH...          files or folders under ../shared/data that it reads (carried in .gpudata/)
+#   # data: PATH...          files or folders under ../shared/data that it reads (carried as
+#                            .gpudata/PATH), or absolute host folders (carried as .gpudata/<basename>)
 #   # about: TEXT            one line on what it measures
 # Each stage writes its JSON under $OUT the moment it ends, named <stage>*.json; its output goes to
 # $OUT/<stage>.log and a line {stage, exit code, seconds} to $OUT/status.jsonl, so a stage that fails
@@ -20,10 +21,12 @@ cd "$(dirname "$0")/.."
 stages_dir=benchmarks/stages
 header() { sed -n "s/^# $2: //p" "$stages_dir/$1.sh" | head -1; }
 all_stages() { for f in "$stages_dir"/*.sh; do basename "$f" .sh; done; }
+source_of() { case "$1" in /*) echo "$1" ;; *) echo "../shared/data/$1" ;; esac; }
+carried_as() { case "$1" in /*) basename "$1" ;; *) echo "$1" ;; esac; }
 data_mib() {
   local total=0 path
   for path in $(header "$1" data); do
-    [ -e "../shared/data/$path" ] && total=$((total + $(du -sk "../shared/data/$path" | cut -f1)))
+    [ -e "$(source_of "$path")" ] && total=$((total + $(du -skL "$(source_of "$path")" | cut -f1)))
   done
   echo $(( (total + 1023) / 1024 ))
 }
@@ -41,7 +44,7 @@ for stage in "${stages[@]}"; do
 done
 
 if [ $mode = dry ]; then
-  printf '%-12s %8s  %-5s %6s  %s\n' stage timeout_s kit MiB "data (under ../shared/data) / about"
+  printf '%-12s %8s  %-5s %6s  %s\n' stage timeout_s kit MiB "data (under ../shared/data, or absolute) / about"
   for stage in "${stages[@]}"; do
     printf '%-12s %8s  %-5s %6s  %s\n' "$stage" "$(header "$stage" timeout)" "$(header "$stage" kit)" \
       "$(data_mib "$stage")" "$(header "$stage" data) / $(header "$stage" about)"
@@ -54,8 +57,9 @@ if [ $mode = prepare ]; then
   grep -qxF '/.gpudata/' .git/info/exclude 2>/dev/null || echo '/.gpudata/' >> .git/info/exclude
   for stage in "${stages[@]}"; do
     for path in $(header "$stage" data); do
-      mkdir -p ".gpudata/$(dirname "$path")"
-      cp -a "../shared/data/$path" ".gpudata/$(dirname "$path")/"
+      target=".gpudata/$(carried_as "$path")"
+      mkdir -p "$(dirname "$target")"
+      cp -rL "$(source_of "$path")" "$(dirname "$target")/"
     done
   done
   echo "carry: [\".gpudata\"]  ($(du -sm .gpudata | cut -f1) MiB; the limit is 64 MiB per call, tree included)"

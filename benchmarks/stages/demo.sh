@@ -1,10 +1,9 @@
 # timeout: 480
 # kit: none
-# data:
+# data: /usr/share/datasets/fashion-mnist
 # about: the embedded default on a GPU: python -m fastbyol.train with no flags (resnet18 on Fashion-MNIST, a 5-minute --time-budget); curve PNG and summary
-# Fashion-MNIST is not under ../shared/data: before `gpu.sh --prepare`, copy its IDX files into the
-# carried folder (30 MiB; carry it in a call without the other stages' data, the limit is 64 MiB):
-#   mkdir -p .gpudata/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz .gpudata/fashion-mnist/
+# Fashion-MNIST's IDX files (Debian's dataset-fashion-mnist, 30 MiB) are carried as .gpudata/fashion-mnist:
+# carry them in a call without the other stages' data (the limit is 64 MiB per call).
 set -euo pipefail
 export FASTBYOL_FASHION_MNIST="${FASTBYOL_FASHION_MNIST:-$FASTBYOL_SHARED_DATA/fashion-mnist}"
 scratch=$(mktemp -d)
