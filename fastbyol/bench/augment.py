@@ -73,19 +73,23 @@ def _paths(packed, images_on_device, params, specs, size, dtype):
             "torchvision per sample": (torchvision_crops, torchvision_colour)}
 
 
-def _measure(name, crop_fn, colour_fn, steps, warmup, batch, device) -> list[dict]:
+def _measure(name, crop_fn, colour_fn, steps, warmup, batch, device, budget_s) -> list[dict]:
+    """Time crop-resize, photometric and both, after `warmup` untimed batches; a path slower than
+    budget_s per measurement gets fewer timed batches (at least 2), so that the per-sample baseline
+    fits a GPU stage's time limit."""
     t0 = time.perf_counter()
-    for _ in range(warmup):  # compilation and autotuning happen here, outside the timing
+    for _ in range(max(1, warmup)):  # compilation and autotuning happen here, outside the timing
         views = crop_fn()
         colour_fn(views)
-    sync(device)
+        sync(device)
     warmup_s = time.perf_counter() - t0
+    steps = max(2, min(steps, int(budget_s * max(1, warmup) / warmup_s)))
     views = crop_fn()
     per = {"crop-resize": timed(crop_fn, steps, device),
            "photometric": timed(lambda: colour_fn(views), steps, device),
            "both": timed(lambda: colour_fn(crop_fn()), steps, device)}
     return [dict(path=name, stage=stage, ms_per_batch=round(1e3 * seconds, 3),
-                 img_per_s=round(batch / seconds, 1), warmup_s=round(warmup_s, 2))
+                 img_per_s=round(batch / seconds, 1), steps=steps, warmup_s=round(warmup_s, 2))
             for stage, seconds in per.items()]
 
 
@@ -99,6 +103,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed batches per measurement "
                         "(default: 20 on a GPU, 2 on the CPU)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches first (compilation)")
+    parser.add_argument("--budget", type=float, default=5.0, help="seconds a path may spend per "
+                        "measurement: slower paths time fewer batches (at least 2)")
     parser.add_argument("--triton", action="store_true", help="on the CPU, also time the Triton "
                         "kernels through the interpreter")
     parser.add_argument("--skip-torchvision", action="store_true", help="leave out the per-sample row")
@@ -136,11 +142,12 @@ def run(args, recorder) -> dict:
                   settings=dict(batch_size=batch, image_size=size, steps=steps, warmup=args.warmup,
                                 dtype=str(dtype), device=str(device), sources=source_note,
                                 specs=[repr(spec) for spec in specs]),
-                  timing="ms per batch = wall time of `steps` batches between two device syncs, "
-                         "both views, after `warmup` untimed batches; img/s = source images per "
-                         "second (each gives two views); params drawn on the CPU beforehand")
+                  timing="ms per batch = wall time of a row's `steps` batches between two device "
+                         "syncs, both views, after `warmup` untimed batches (slow paths time fewer "
+                         "batches, see --budget); img/s = source images per second (each gives two "
+                         "views); params drawn on the CPU beforehand, uploaded inside the timing")
     for name, (crop_fn, colour_fn) in paths.items():
-        result["rows"] += _measure(name, crop_fn, colour_fn, steps, args.warmup, batch, device)
+        result["rows"] += _measure(name, crop_fn, colour_fn, steps, args.warmup, batch, device, args.budget)
         recorder.save(result)
     if args.dali:
         result["rows"].append(_dali_row(batch, size, steps, device))
@@ -154,7 +161,7 @@ def run(args, recorder) -> dict:
 
 def _dali_row(batch: int, size: int, steps: int, device) -> dict:
     row = dict(path="dali colour ops (fixed order)", stage="photometric", ms_per_batch=None,
-               img_per_s=None, warmup_s=None)
+               img_per_s=None, steps=steps, warmup_s=None)
     try:
         from fastbyol.pipelines.dali import dali_colour_ops_rate
     except ImportError as err:
