@@ -3,7 +3,7 @@
 photometric_reference is the obviously-right twin: torchvision's tensor ops on one uint8 image, which
 round to uint8 after every op. photometric_batched does the same to a whole batch at once, each sample
 with its own params, and is tested equal to it. The Triton kernels at the end do the whole stage in
-four launches, and are held to stated tolerances against the reference (tests/test_kernels_triton.py).
+five launches, and are held to stated tolerances against the reference (tests/test_kernels_triton.py).
 """
 from __future__ import annotations
 
@@ -213,13 +213,14 @@ def photometric(images: torch.Tensor, params: ViewParams, spec: ViewSpec,
 
 
 # ---- The Triton kernels ---------------------------------------------------------------------------
-# Four launches per view: the mean gray each contrast op needs (after the ops before it, recomputed),
+# Five launches per view: the mean gray each contrast op needs (after the ops before it, recomputed),
 # the jitter in each sample's order and the grayscale, the blur's row pass, and the blur's column
-# pass with solarize and normalize. Each op repeats the twin's float32 operations in its order; the
-# fused multiply-adds torchvision's CPU ops perform are written out (in float64, where these operands
-# make them exact), and the compiler may fuse nothing else. Per-sample values are (BLOCK_N, 1, 1)
-# arrays: on a GPU one program takes a tile of rows of one sample; the interpreter, whose cost is per
-# program and op, takes the whole batch in one program.
+# pass with solarize and normalize (one launch for the samples that blur, one for the others). Each
+# op repeats the twin's float32 operations in its order; the fused multiply-adds torchvision's CPU
+# ops perform are written out (in float64, where these operands make them exact), and the compiler
+# may fuse nothing else. Per-sample values are (BLOCK_N, 1, 1) arrays: on a GPU one program takes 8
+# rows of one sample (triton_launch.tiling); the interpreter, whose cost is per program and op, takes
+# whole images of up to 64 samples in one program.
 
 _PARAM_COLUMNS = 14  # jitter, 4 factors, 4 order entries, gray, blur, sigma, solarize, blur slot
 
