@@ -173,7 +173,8 @@ def run_tests(work: Path, files: list[str], timeout: float, deselect=(), stop_at
             except ProcessLookupError:
                 pass
             proc.wait()
-    failed = [line.split()[1] for line in report.read_text().splitlines() if line.startswith("FAILED ")]
+    failed = [line[len("FAILED "):].split(" - ")[0] for line in report.read_text().splitlines()
+              if line.startswith("FAILED ")]  # node ids may hold spaces ("[a b]"); " - why" follows
     return verdict, time.perf_counter() - start, failed
 
 

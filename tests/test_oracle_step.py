@@ -166,6 +166,7 @@ def test_the_update_is_lars_with_this_steps_lr_decay_and_trust_ratio(second_step
         group = by_param[p]
         assert group["lr"] == s["lr"], "the optimizer's groups must record this step's lr"
         assert group["adapt"] == (p.ndim > 1) and group["weight_decay"] == (WEIGHT_DECAY if p.ndim > 1 else 0)
+        assert (group["momentum"], group["trust_coef"]) == (0.9, 1e-3)  # the recipe's LARS defaults
         w1, m1 = lars_float64(before[name].detach(), s["grads"][name], s["buffers"][name], s["lr"],
                               group["weight_decay"], group["momentum"], group["trust_coef"], group["adapt"])
         torch.testing.assert_close(p.detach().double(), w1, rtol=1e-5, atol=1e-7, msg=name)
@@ -195,21 +196,28 @@ def test_the_target_is_tau_xi0_plus_one_minus_tau_theta1(second_step):
         assert torch.equal(t, o), name  # buffers are copied from the online network
 
 
-def test_bf16_step_equals_fp32_step_within_tolerance():
-    """The same two steps under bf16 autocast, from the same weights. Stated tolerances, from the
-    measured gaps on this model (fp32 master weights, bf16 activations on batches of 8): the BYOL loss
-    within 2e-2 (measured 0.007), each parameter's update within 40% of the fp32 update's size
-    (measured 28% at most) and all updates together within 25% (measured 15%). A skipped, lost or
-    bf16-rounded update is off by ~100%. Biases before a BatchNorm get no gradient at all (the
-    normalisation removes them) in fp32; under bf16 rounding they move a little (measured 3e-3), so
-    they are held to "moved by less than 1e-2" instead."""
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_step_equals_fp32_step_within_tolerance(precision):
+    """The same two steps under bf16 autocast (or fp16 with loss scaling, from a scale of 256 that
+    never overflows here), from the same weights. Stated tolerances, from the measured gaps on this
+    model (fp32 master weights, reduced-precision activations on batches of 8): the BYOL loss within
+    2e-2 (measured 0.007 bf16, 0.002 fp16), each parameter's update within 40% of the fp32 update's
+    size (measured 28% bf16, 9% fp16) and all updates together within 25% (measured 15%, 4%). A
+    skipped, lost or rounded-away update is off by ~100%. Biases before a BatchNorm get no gradient
+    at all in fp32 (the normalisation removes them); rounding moves them a little (measured 3e-3),
+    so they are held to "moved by less than 1e-2" instead."""
     results = []
-    for precision in ("fp32", "bf16"):
+    for mode in ("fp32", precision):
         model = tiny_model()
         start = {n: p.detach().clone() for n, p in model.online.named_parameters()}
         start |= {f"predictor.{n}": p.detach().clone() for n, p in model.predictor.named_parameters()}
-        step_fn = make_step(model, precision)
+        step_fn = make_step(model, mode)
+        if step_fn.scaler is not None:
+            step_fn.scaler.load_state_dict(dict(scale=256.0, growth_factor=2.0, backoff_factor=0.5,
+                                                growth_interval=2000, _growth_tracker=0))
         metrics = [step_fn(*fixed_batch(1 + k), *schedule(k)) for k in range(2)]
+        if step_fn.scaler is not None:
+            assert step_fn.scaler.get_scale() == 256.0  # no step was skipped for an overflow
         assert all(p.dtype == torch.float32 for p in model.parameters())
         now = dict(model.online.named_parameters()) | {f"predictor.{n}": p for n, p in
                                                         model.predictor.named_parameters()}
@@ -222,6 +230,6 @@ def test_bf16_step_equals_fp32_step_within_tolerance():
         assert d16[name].norm() < 1e-2, name
     for name in moving:
         error = (d16[name] - d32[name]).norm() / d32[name].norm()
-        assert error < 0.4, f"{name}: the bf16 update differs from fp32 by {error:.2f} of its size"
+        assert error < 0.4, f"{name}: the {precision} update differs from fp32 by {error:.2f} of its size"
     a, b = (torch.cat([d[n].flatten() for n in moving]) for d in (d32, d16))
     assert (b - a).norm() / a.norm() < 0.25
