@@ -2,11 +2,15 @@
 # kit: ffcv
 # data: oddjpegs/dali_extra/single/jpeg cifar10-train-jpg.tar.gz cifar10-val-jpg.tar.gz
 # about: FFCV loader img/s at 224 (cpu decode: designs a and b; --ffcv-decode gpu) vs FFCV's stock two-view pipeline, on the 10k benchmark folder as .beton; 72 s of ResNet-18 on CIFAR-10 from .beton, k-NN vs random init
-# Writes $OUT/ffcv-loader.json (one row per variant, saved as each ends) and $OUT/ffcv-train-cifar10.json.
+# Writes $OUT/ffcv-loader.json (one row per variant, saved as each ends) and $OUT/ffcv-train-cifar10.json;
+# the CUDA tests' outcome and MADs are in the stage's log.
 set -uo pipefail
 data=${FASTBYOL_SHARED_DATA:-../shared/data}
 work=$(mktemp -d)
 rc=0
+
+# 0. The FFCV loader's CUDA tests (views on the device, nvJPEG) against the reference loader.
+PYTHONUNBUFFERED=1 timeout 120 python3 -m pytest -m cuda -q -s -p no:cacheprovider -rA tests/test_ffcv_loader.py || rc=1
 
 # 1. The benchmark folder (10,000 JPEGs around 500x375), converted to .beton once (bench loader's
 #    DIR-ffcv convention), then each loader variant and the stock baseline, batch 256, 16 threads.
@@ -14,6 +18,7 @@ python3 benchmarks/make_bench_folder.py "$work/bench" --count 10000 --photos "$d
 # (The same script runs on the CPU with smaller numbers: ARGS = DIR JSON BATCH BATCHES WARMUP.)
 PYTHONUNBUFFERED=1 timeout 200 python3 - "$work/bench" "$OUT/ffcv-loader.json" 256 20 3 <<'PY' || rc=1
 import argparse, os, sys, traceback
+from pathlib import Path
 import torch
 from fastbyol.bench import loader as bench_loader
 from fastbyol.bench.ffcv_stock import run_stock
@@ -33,11 +38,11 @@ variants = [("ours: ffcv, cpu decode, (a) decoded images to the device", dict(cr
 for path, options in variants + [("baseline: ffcv-stock (two decodes, batch-wide colour)", None)]:
     row = dict(path=path, options=options, img_per_s=None, startup_s=None, note="")
     try:
+        converted = bench_loader._converted(Path(data), "ffcv", workers)  # DIR-ffcv, once
         if options is None:
-            stock = run_stock(args)
+            stock = run_stock(argparse.Namespace(**{**vars(args), "data": str(converted)}))
             row.update(img_per_s=stock["img_per_s"], startup_s=stock["startup_s"])
         else:
-            bench_loader._converted(__import__("pathlib").Path(data), "ffcv", workers)
             row.update(bench_loader.loader_rate("ffcv", args, device, workers, **options))
     except Exception as err:
         traceback.print_exc()

@@ -563,14 +563,24 @@ class FfcvLoader(_BetonLoader):
                 labels, index = torch.tensor(labels, dtype=torch.int64), torch.from_numpy(index)
                 if self.kind == "views":
                     yield torch.from_numpy(images), pair, labels, index
-                else:
+                elif self.kind == "packed":
                     yield ViewJob(self._images(images, index.numpy()), pair, labels, index)
+                else:  # decoded here, on the device, on this stream: the engine's stream waits for it
+                    decoded = self._images(images, index.numpy())
+                    ready = torch.cuda.current_stream(self.device).record_event() if self.device.type == "cuda" else None
+                    yield ViewJob(decoded, pair, labels, index), ready
 
         yield from prefetch(jobs(), self._engine, self.device)
 
     def _engine(self, job) -> Views:
         """Views from one batch's job on the device: crop_resize (unless the views came cropped) and
         photometric."""
+        if self.kind == "bytes":
+            job, ready = job
+            if ready is not None:  # the prefetcher's side stream, after the decode on the main one
+                stream = torch.cuda.current_stream(self.device)
+                stream.wait_event(ready)
+                job.images.data.record_stream(stream)
         if self.kind != "views":
             return crop_views(job, self.specs, self.dtype)
         both, pair, labels, index = job
