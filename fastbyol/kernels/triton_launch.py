@@ -66,19 +66,24 @@ def _interpreting(kernel):
     except ImportError:
         pass
     modules = [sys.modules[kernel.fn.__module__], tl, tl.standard, tl.math, tl.core]
-    saved = []
+    # The interpreter patches triton.language's builtins while it runs, and a nested helper's patches
+    # of tl.core are never undone: everything it may touch is put back afterwards, or a later
+    # compilation in this process would build with the interpreter's builtins.
+    touched = [*modules, tl.core.tensor, tl.core.tensor_descriptor_base]
+    before = [dict(vars(owner)) for owner in touched]
     for module in modules:
         for name, value in list(vars(module).items()):
             if isinstance(value, triton.runtime.JITFunction):
                 if value.fn not in _INTERPRETED:
                     _INTERPRETED[value.fn] = InterpretedFunction(value.fn)
-                saved.append((module, name, value))
                 setattr(module, name, _INTERPRETED[value.fn])
     try:
         yield
     finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
+        for owner, saved in zip(touched, before):  # names the interpreter adds, it keeps using
+            for name, value in saved.items():
+                if vars(owner).get(name) is not value:
+                    setattr(owner, name, value)
 
 
 def host_table(columns: Sequence[torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
