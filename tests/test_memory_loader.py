@@ -337,3 +337,17 @@ def test_memory_loader_on_cuda_is_the_cpu_loader_within_tolerance(folder):
         for x, y in ((a.v1, b.v1), (a.v2, b.v2)):
             units = (unnormalize(x) - unnormalize(y.cpu())).abs()
             assert (units <= 2).float().mean() >= 0.99 and units.mean() < 0.5
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("small, size", [(True, 32), (False, 24)])
+def test_eval_crops_on_cuda_are_the_cpu_ones_within_tolerance(folder, small, size):
+    """Small mode crops with crop_resize (the kernel's tolerance); large mode with torchvision's own
+    resize on the GPU, whose CUDA path is not the CPU's: only a loose bound there."""
+    options = dict(image_size=size, batch_size=4, small=small, max_samples=9, dtype=torch.float32)
+    cpu = list(MemoryEvalLoader(folder, "val", **options))
+    gpu = list(MemoryEvalLoader(folder, "val", **options, device="cuda"))
+    for (x, labels, index), (y, gpu_labels, gpu_index) in zip(cpu, gpu):
+        assert torch.equal(labels, gpu_labels.cpu()) and torch.equal(index, gpu_index.cpu())
+        units = (unnormalize(x) - unnormalize(y.cpu())).abs()
+        assert units.mean() < (0.5 if small else 3.0), units.mean()

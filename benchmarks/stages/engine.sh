@@ -12,7 +12,7 @@ rc=0
 log=$(mktemp)
 files=(tests/test_memory_loader.py)
 [ -f tests/test_kernels_triton.py ] && files=(tests/test_kernels_triton.py "${files[@]}")
-PYTHONUNBUFFERED=1 timeout 100 python3 -m pytest -m cuda -q -p no:cacheprovider --durations=10 -rA \
+PYTHONUNBUFFERED=1 timeout 110 python3 -m pytest -m cuda -q -p no:cacheprovider --durations=10 -rA \
   "${files[@]}" 2>&1 | tee "$log"
 tests_rc=${PIPESTATUS[0]}
 python3 - "$log" "$OUT/engine-tests.json" "$tests_rc" <<'PY'
@@ -26,13 +26,13 @@ rm -f "$log"
 [ "$tests_rc" = 0 ] || rc=1
 
 # 2. bench augment: crop-resize and photometric, both views at 224, batch 256.
-PYTHONUNBUFFERED=1 timeout 80 python3 -m fastbyol.bench augment --json "$OUT/engine-augment.json" || rc=1
+PYTHONUNBUFFERED=1 timeout 90 python3 -m fastbyol.bench augment --json "$OUT/engine-augment.json" || rc=1
 
 # 3. 200 steps of training on CIFAR-10 through the memory loader (decoded once onto the GPU).
 work=$(mktemp -d)
 tar xzf "$data/cifar10-train-jpg.tar.gz" -C "$work" && tar xzf "$data/cifar10-val-jpg.tar.gz" -C "$work"
 start=$(date +%s)
-PYTHONUNBUFFERED=1 timeout 160 python3 -m fastbyol.train --data "$work" --loader memory --arch resnet18 \
+PYTHONUNBUFFERED=1 timeout 140 python3 -m fastbyol.train --data "$work" --loader memory --arch resnet18 \
   --batch-size 512 --epochs 100 --stop-at-step 200 --knn-samples 2000 --log-every 20 \
   --ckpt-every 1000 --out "$work/run" 2>&1 | tr '\r' '\n' | grep -v '^BYOL: \|^decoding '
 train_rc=${PIPESTATUS[0]}
