@@ -41,6 +41,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def as_torchrun_worker(rank: int, world: int, port: int) -> None:
+    """Make this (spawned) process look like worker `rank` of a one-node torchrun of `world` on
+    `port`, so that fastbyol.dist.init joins the group as it would under torchrun."""
+    import torch
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def own_cache(monkeypatch, tmp_path_factory, request):
     """Every test gets its own FASTBYOL_CACHE (created only if used; inherited by the processes it

@@ -1,13 +1,12 @@
 """Export and resume (issue 13, item 5): backbone.pt is the online encoder, fp16 resume restores the
 GradScaler, a run resumed on another world size sees the same samples per global step, a bad
 checkpoint is a one-line error, and non-finite parameters at checkpoint time stop the run."""
-import os
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import free_port
+from conftest import as_torchrun_worker, free_port
 from fastbyol import train as train_mod
 from fastbyol.step import BYOLStep
 
@@ -84,9 +83,7 @@ def recording_loader(record: list):
 
 
 def _ddp_worker(rank, world, port, argv, out):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    as_torchrun_worker(rank, world, port)
     record = []
     train_mod.train_loader = recording_loader(record)
     train_mod.main(argv)

@@ -11,7 +11,7 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from conftest import free_port
+from conftest import as_torchrun_worker, free_port
 from fastbyol import config as config_mod
 from fastbyol import train as train_mod
 from fastbyol.dist import Dist
@@ -79,9 +79,7 @@ def recording_build(models: list):
 
 
 def _ddp_worker(rank, world, port, argv, out):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    as_torchrun_worker(rank, world, port)
     models = []
     train_mod.BYOL = bn_free_byol
     train_mod.build = recording_build(models)
