@@ -207,22 +207,22 @@ def test_data_that_would_not_fit_is_refused_before_decoding(folder, monkeypatch,
 # ---- Training through fastbyol.train -------------------------------------------------------------
 
 TRAIN = ["--loader", "memory", "--arch", "cnn4", "--proj-hidden", "32", "--proj-dim", "16", "--batch-size",
-         "16", "--knn-samples", "32", "--knn-k", "5", "--workers", "0", "--log-every", "2",
-         "--ckpt-every", "2", "--epochs", "2"]
+         "32", "--knn-samples", "16", "--knn-k", "5", "--workers", "0", "--log-every", "1",
+         "--ckpt-every", "1", "--epochs", "2"]
 
 
 def test_a_stopped_and_resumed_run_equals_an_uninterrupted_reference_run(tiny_folder, tmp_path):
-    """Stopped after step 3 of 8 (inside the first epoch) and resumed, a --loader memory run ends
+    """Stopped after step 1 of 4 (inside the first epoch) and resumed, a --loader memory run ends
     with exactly the weights of an uninterrupted run of the reference loader: the same views, the
     same order, the same resume point."""
     full, part = tmp_path / "full", tmp_path / "part"
     train_mod.main(["--data", str(tiny_folder), "--out", str(full), *TRAIN, "--loader", "torchvision"])
-    train_mod.main(["--data", str(tiny_folder), "--out", str(part), "--stop-at-step", "3", *TRAIN])
-    assert torch.load(part / "checkpoint.pt", weights_only=False)["step"] == 3
+    train_mod.main(["--data", str(tiny_folder), "--out", str(part), "--stop-at-step", "1", *TRAIN])
+    assert torch.load(part / "checkpoint.pt", weights_only=False)["step"] == 1
     memory._RESIDENT.clear()  # as a new process would: decode again
     train_mod.main(["--data", str(tiny_folder), "--out", str(part), "--resume", *TRAIN[2:]])
     a, b = (torch.load(run / "checkpoint.pt", weights_only=False) for run in (full, part))
-    assert a["step"] == b["step"] == 8
+    assert a["step"] == b["step"] == 4
     assert (a["config"]["loader"], b["config"]["loader"]) == ("torchvision", "memory")
     for name, value in a["model"].items():
         assert torch.equal(value, b["model"][name]), name
