@@ -68,7 +68,7 @@ def run_stock(args) -> dict:
     wanted = warmup + batches
     seen, timed_from, images = 0, None, 0
     while seen < wanted:
-        for v1, v2, labels in loader:
+        for v1, labels, v2 in loader:  # fields in file order, then the extra output "image2"
             if seen == warmup:  # compile, first decodes and allocations stay out of the timing
                 if device.type == "cuda":
                     torch.cuda.synchronize()  # note: a host sync, once, to start the clock

@@ -279,6 +279,7 @@ def _ffcv_classes():
         raise InputError(f"--loader ffcv needs FFCV, which does not import ({type(err).__name__}: {err}): "
                          f"{INSTALL_HINT}") from err
     from dataclasses import replace
+    _fix_os_cache_reader()
 
     class ImageOp(SimpleRGBImageDecoder):  # FFCV takes an RGBImageField's decoder by this class
         """The image field's decoder, one decode per image. kind:
@@ -357,6 +358,32 @@ def _ffcv_classes():
             return self.order
 
     return ImageOp, GivenOrder
+
+
+def _fix_os_cache_reader() -> None:
+    """FFCV 1.0.2's OSCacheManager types its memory map by setting `mutable = False` on numba's shared
+    `uint8[::1]` type object. That changes the hash of a type numba already uses as a key (in every
+    dispatcher's table of compiled signatures), so the next pipeline compiled in the process dies in
+    numba with a KeyError. Its reader is compiled here with a read-only array type of its own."""
+    import numba as nb
+    from ffcv.memory_managers.os_cache import OSCacheManager
+    from ffcv.pipeline.compiler import Compiler
+    if getattr(OSCacheManager, "fastbyol_fixed", False):
+        return
+    read_only = nb.types.Array(nb.types.uint8, 1, "C", readonly=True)
+
+    def state_type(self):
+        return nb.types.Tuple([read_only, nb.uint64[::1], nb.uint64[::1]])
+
+    def compile_reader(self):
+        def read(address, mem_state):
+            size = mem_state[2][np.searchsorted(mem_state[1], address)]
+            return mem_state[0][address:address + size]
+        return Compiler.compile(read, read_only(nb.uint64, state_type(self)))
+
+    OSCacheManager.state_type = property(state_type)
+    OSCacheManager.compile_reader = compile_reader
+    OSCacheManager.fastbyol_fixed = True
 
 
 class _Pipeline:
