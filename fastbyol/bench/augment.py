@@ -8,8 +8,8 @@ apart and together.
 
 On a GPU every path runs on the device. On the CPU it defaults to tiny sizes and leaves the Triton row
 out (Triton's interpreter is a test tool, not a speed) unless --triton asks for it.
---dali adds DALI's own colour ops (fixed order) when fastbyol.pipelines.dali provides
-`dali_colour_ops_rate(batch_size=, size=, steps=, device=) -> img/s for both views`.
+--dali adds DALI's own colour ops in a fixed order (solo-learn's design) on the same crops, both views,
+normalize included (needs DALI: the `dali` extra).
 """
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ import time
 import numpy as np
 import torch
 
+from fastbyol import InputError
 from fastbyol.bench.record import SEED_PHOTOS, device_name, sync, timed
 from fastbyol.kernels.augment import normalize, photometric, photometric_batched, photometric_reference
 from fastbyol.kernels.crop_resize import crop_and_flip, crop_resize, pack_images
-from fastbyol.views import byol_view_specs, sample_view_params, view_dtype
+from fastbyol.views import IMAGENET_MEAN, IMAGENET_STD, byol_view_specs, sample_view_params, view_dtype
 
 HELP = "view engine img/s: Triton kernels vs photometric_batched vs torchvision per sample (both views)"
 
@@ -108,8 +109,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--triton", action="store_true", help="on the CPU, also time the Triton "
                         "kernels through the interpreter")
     parser.add_argument("--skip-torchvision", action="store_true", help="leave out the per-sample row")
-    parser.add_argument("--dali", action="store_true", help="add DALI's own colour ops (needs "
-                        "fastbyol.pipelines.dali.dali_colour_ops_rate)")
+    parser.add_argument("--dali", action="store_true", help="add DALI's own colour ops in a fixed "
+                        "order (needs the dali extra)")
     parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16",
                         help="the views' dtype, by the view_dtype rule (fp32 on the CPU)")
     parser.add_argument("--device", default="auto")
@@ -150,7 +151,8 @@ def run(args, recorder) -> dict:
         result["rows"] += _measure(name, crop_fn, colour_fn, steps, args.warmup, batch, device, args.budget)
         recorder.save(result)
     if args.dali:
-        result["rows"].append(_dali_row(batch, size, steps, device))
+        views = crop_resize(packed, params[0].crop, params[0].flip, size)
+        result["rows"].append(_dali_row(views, specs, steps, args.warmup, device, dtype))
     baseline = {row["stage"]: row["ms_per_batch"] for row in result["rows"]
                 if row["path"] == "photometric_batched"}
     for row in result["rows"]:
@@ -159,14 +161,49 @@ def run(args, recorder) -> dict:
     return result
 
 
-def _dali_row(batch: int, size: int, steps: int, device) -> dict:
+def _dali_row(views: torch.Tensor, specs, steps: int, warmup: int, device, dtype) -> dict:
+    """DALI's own colour ops in a fixed order (solo-learn's design: fastbyol.bench.loader's
+    dali_fixed_order_colour), both views, on the same uint8 crops the other rows colour, resident
+    where DALI runs them; normalize included."""
     row = dict(path="dali colour ops (fixed order)", stage="photometric", ms_per_batch=None,
                img_per_s=None, steps=steps, warmup_s=None)
     try:
-        from fastbyol.pipelines.dali import dali_colour_ops_rate
-    except ImportError as err:
+        from fastbyol.bench.loader import dali_fixed_order_colour
+        from fastbyol.pipelines.dali import _to_torch, gpu_index, import_dali
+        fn, types, pipeline_def = import_dali()
+    except (ImportError, InputError) as err:
         row["note"] = f"not measured: {err}"
         return row
-    rate = float(dali_colour_ops_rate(batch_size=batch, size=size, steps=steps, device=str(device)))
-    row.update(img_per_s=round(rate, 1), ms_per_batch=round(1e3 * batch / rate, 3))
+    gpu = device.type == "cuda"
+    hwc = views.permute(0, 2, 3, 1).contiguous()
+    batch = [hwc[i] if gpu else hwc[i].numpy() for i in range(len(hwc))]  # CUDA arrays or numpy
+    out_dtype = types.FLOAT16 if dtype in (torch.bfloat16, torch.float16) else types.FLOAT
+    mean, std = [255 * m for m in IMAGENET_MEAN], [255 * s for s in IMAGENET_STD]
+
+    @pipeline_def(batch_size=len(batch), num_threads=2, device_id=gpu_index(device) if gpu else None,
+                  exec_dynamic=True)
+    def colour_only():
+        images = fn.external_source(source=lambda: batch, device="gpu" if gpu else "cpu", layout="HWC",
+                                    batch=True)
+        return tuple(fn.crop_mirror_normalize(dali_fixed_order_colour(fn, types, images, spec),
+                                              dtype=out_dtype, output_layout="CHW", mean=mean, std=std)
+                     for spec in specs)
+
+    pipe = colour_only()
+    pipe.build()
+
+    def one_batch():  # into torch as a loader takes them (DLPack, on torch's stream)
+        return [_to_torch(view, device) for view in pipe.run()]
+
+    started = time.perf_counter()
+    for _ in range(max(1, warmup)):
+        one_batch()
+    sync(device)
+    warm = time.perf_counter()
+    for _ in range(steps):
+        one_batch()
+    sync(device)
+    seconds = (time.perf_counter() - warm) / steps
+    row.update(ms_per_batch=round(1e3 * seconds, 3), img_per_s=round(len(batch) / seconds, 1),
+               warmup_s=round(warm - started, 2))
     return row

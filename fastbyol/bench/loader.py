@@ -93,6 +93,37 @@ def loader_rate(name: str, args, device, workers: int, **options) -> dict:
     return _rate(_epochs(loader), args, device)
 
 
+def dali_fixed_order_colour(fn, types, view, spec):
+    """DALI's own colour ops on a uint8 HWC view, in solo-learn's fixed order: brightness/contrast,
+    saturation, hue, grayscale, blur, solarize, each applied with the recipe's probability through a
+    per-sample mux (our engine draws the jitter order per sample instead)."""
+    def chance(p):
+        return fn.random.coin_flip(probability=p, dtype=types.BOOL)
+
+    def mux(condition, then, otherwise):
+        condition = fn.cast(condition, dtype=types.UINT8)
+        return fn.cast(condition * then + (1 - condition) * otherwise, dtype=types.UINT8)  # solo-learn's Mux
+
+    jittered = fn.brightness_contrast(
+        view, brightness=fn.random.uniform(range=(1 - spec.brightness, 1 + spec.brightness)),
+        contrast=fn.random.uniform(range=(1 - spec.contrast, 1 + spec.contrast)))
+    jittered = fn.hsv(jittered, saturation=fn.random.uniform(range=(1 - spec.saturation, 1 + spec.saturation)),
+                      hue=fn.random.uniform(range=(-360 * spec.hue, 360 * spec.hue)))
+    view = mux(chance(spec.jitter_p), jittered, view)
+    gray = fn.color_space_conversion(fn.color_space_conversion(view, image_type=types.RGB,
+                                                               output_type=types.GRAY),
+                                     image_type=types.GRAY, output_type=types.RGB)
+    view = mux(chance(spec.gray_p), gray, view)
+    if spec.blur_p > 0:
+        blurred = fn.gaussian_blur(view, window_size=spec.blur_kernel,
+                                   sigma=fn.random.uniform(range=spec.blur_sigma))
+        view = mux(chance(spec.blur_p), blurred, view)
+    if spec.solarize_p > 0:
+        solarized = mux(view >= 128, 255 - view, view)
+        view = mux(chance(spec.solarize_p), solarized, view)
+    return view
+
+
 def dali_colour_ops_rate(args, device, workers: int, hw_decoder_load: float = 0.65) -> dict:
     """DALI with its own colour ops in a fixed order (solo-learn's design) instead of ours: file
     reader, one decode, per view random_resized_crop, flip, then brightness/contrast, saturation, hue,
@@ -109,13 +140,6 @@ def dali_colour_ops_rate(args, device, workers: int, hw_decoder_load: float = 0.
         view_dtype(args.precision, device), types.FLOAT)  # DALI has no bf16: fp16, the same bytes
     mean, std = [255 * m for m in (0.485, 0.456, 0.406)], [255 * s for s in (0.229, 0.224, 0.225)]
 
-    def chance(p):
-        return fn.random.coin_flip(probability=p, dtype=types.BOOL)
-
-    def mux(condition, then, otherwise):
-        condition = fn.cast(condition, dtype=types.UINT8)
-        return fn.cast(condition * then + (1 - condition) * otherwise, dtype=types.UINT8)  # solo-learn's Mux
-
     @pipeline_def(batch_size=args.batch_size, num_threads=max(1, min(workers, 8)),
                   device_id=gpu_index(device) if gpu else None, exec_dynamic=True)
     def fixed_order():
@@ -127,23 +151,7 @@ def dali_colour_ops_rate(args, device, workers: int, hw_decoder_load: float = 0.
         for spec in specs:
             view = fn.random_resized_crop(images, size=(spec.size, spec.size), random_area=spec.scale,
                                           random_aspect_ratio=spec.ratio, interp_type=types.INTERP_CUBIC)
-            jittered = fn.brightness_contrast(
-                view, brightness=fn.random.uniform(range=(1 - spec.brightness, 1 + spec.brightness)),
-                contrast=fn.random.uniform(range=(1 - spec.contrast, 1 + spec.contrast)))
-            jittered = fn.hsv(jittered, saturation=fn.random.uniform(range=(1 - spec.saturation, 1 + spec.saturation)),
-                              hue=fn.random.uniform(range=(-360 * spec.hue, 360 * spec.hue)))
-            view = mux(chance(spec.jitter_p), jittered, view)
-            gray = fn.color_space_conversion(fn.color_space_conversion(view, image_type=types.RGB,
-                                                                       output_type=types.GRAY),
-                                             image_type=types.GRAY, output_type=types.RGB)
-            view = mux(chance(spec.gray_p), gray, view)
-            if spec.blur_p > 0:
-                blurred = fn.gaussian_blur(view, window_size=spec.blur_kernel,
-                                           sigma=fn.random.uniform(range=spec.blur_sigma))
-                view = mux(chance(spec.blur_p), blurred, view)
-            if spec.solarize_p > 0:
-                solarized = mux(view >= 128, 255 - view, view)
-                view = mux(chance(spec.solarize_p), solarized, view)
+            view = dali_fixed_order_colour(fn, types, view, spec)
             views.append(fn.crop_mirror_normalize(view, dtype=dtype, output_layout="CHW", mean=mean,
                                                   std=std, mirror=fn.random.coin_flip(probability=spec.flip_p)))
         return tuple(views)
