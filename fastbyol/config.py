@@ -73,7 +73,7 @@ class Config:
     fused: bool = field(default=True, metadata=dict(help="multi-tensor LARS and EMA (off: the "
                         "per-parameter reference twins)"))
     sync_bn: bool = field(default=True, metadata=dict(help="BatchNorm statistics over the global "
-                          "batch (SyncBatchNorm; GPUs only)"))
+                          "batch under DDP (fastbyol's SyncBatchNorm; NCCL and gloo)"))
     # processes
     nproc: int = field(default=0, metadata=dict(help="local worker processes to launch (0: as "
                        "launched)"))

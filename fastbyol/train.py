@@ -33,6 +33,7 @@ from fastbyol.model import BYOL
 from fastbyol.pipelines import choose_loader, native_side, options_for, train_loader
 from fastbyol.schedules import PRESETS, lr_at, scaled_lr, tau_at, warmup_steps_for
 from fastbyol.step import BYOLStep
+from fastbyol.syncbn import convert_sync_batchnorm
 from fastbyol.views import view_dtype
 
 log = logging.getLogger("fastbyol.train")
@@ -102,7 +103,6 @@ def build(cfg: Config, num_classes: int, device: torch.device, dist: Dist):
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = BYOL(cfg.arch, cfg.stem == "small", num_classes, cfg.proj_hidden, cfg.proj_dim)
     if dist.enabled and cfg.sync_bn:  # global-batch statistics, on NCCL and gloo alike
-        from fastbyol.syncbn import convert_sync_batchnorm
         model = convert_sync_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last)
     # Under a --time-budget still to be measured, the preset (and its weight decay) is chosen after
@@ -113,7 +113,7 @@ def build(cfg: Config, num_classes: int, device: torch.device, dist: Dist):
                      foreach=cfg.fused)
     net = model
     if dist.enabled:
-        # buffers are not broadcast: SyncBN keeps them equal on GPUs; rank 0's are the ones saved
+        # buffers are not broadcast: SyncBN keeps them equal (NCCL and gloo); rank 0's are the ones saved
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                       broadcast_buffers=False, gradient_as_bucket_view=True)
     step_fn = BYOLStep(model, optimizer, net, precision=cfg.precision, compile=cfg.compile,
