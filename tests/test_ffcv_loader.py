@@ -271,3 +271,13 @@ def test_cuda_views_match_the_reference_loader(cifar, mode):
     diffs = compare(on_host, reference.epoch(3), batches=3)
     print(f"cuda cifar {mode}: MAD mean {diffs.mean():.3f}, worst view {diffs.max():.3f}")
     assert diffs.mean() < 2.0 and diffs.max() < 8.0
+
+
+def test_os_cache_pipelines_compile_after_others(cifar):
+    """FFCV 1.0.2's os_cache reader flips numba's shared uint8[::1] type to read-only; unfixed, the
+    third pipeline here died in numba with a KeyError (benchmarks/ffcv.md). Batch 16: new pipelines."""
+    _, out = cifar
+    common = dict(batch_size=16, image_size=32, small=True, seed=1, workers=1, subset=32)
+    for options in (dict(os_cache=True), dict(crop_on="cpu"), dict(os_cache=True, crop_on="cpu")):
+        seen = [i for views in FfcvLoader(out, **common, **options).epoch(0) for i in views.index.tolist()]
+        assert len(seen) == len(set(seen)) == 32, options
