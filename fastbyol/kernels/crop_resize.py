@@ -67,11 +67,12 @@ def pack_images(images: Sequence[torch.Tensor], device: torch.device | str | Non
 
 
 def crop_resize(images: PackedImages, crop: torch.Tensor, flip: torch.Tensor, size: int, *,
-                backend: str | None = None) -> torch.Tensor:
+                backend: str | None = None, max_height: int | None = None) -> torch.Tensor:
     """View geometry for a batch: sample i is crop_and_flip(images.image(i), crop[i], flip[i], size).
     crop: (n, 4) int64 (top, left, height, width), flip: (n,) bool (ViewParams fields), on the CPU
-    (as the sampler gives them: no host sync) or on the images' device (one sync, to size the
-    scratch buffer). Returns uint8 (n, 3, size, size) on the images' device; backend: see use_triton."""
+    (as the sampler gives them: no host sync) or on the images' device (then one sync, to size the
+    scratch buffer, unless the caller gives max_height = the largest crop height, known on the host
+    before the copy). Returns uint8 (n, 3, size, size) on the images' device; backend: see use_triton."""
     device = images.data.device
     if not use_triton(backend, device):
         boxes, flips = crop.tolist(), flip.tolist()
@@ -81,8 +82,8 @@ def crop_resize(images: PackedImages, crop: torch.Tensor, flip: torch.Tensor, si
     out = torch.empty(n, 3, size, size, dtype=torch.uint8, device=device)
     if n == 0:
         return out
-    # Note: a CPU-GPU sync point when crop lives on the GPU.
-    max_height = int(crop[:, 2].max())
+    if max_height is None:  # note: a CPU-GPU sync point when crop lives on the GPU
+        max_height = int(crop[:, 2].max())
     boxes = host_table([*crop.unbind(1), flip], torch.int32, device)
     # The width pass's output: each crop's rows at the final width.
     rows = torch.empty(n, 3, max_height, size, dtype=torch.uint8, device=device)

@@ -42,7 +42,7 @@ import torch
 from fastbyol import InputError
 from fastbyol.kernels.augment import normalize, photometric
 from fastbyol.kernels.crop_resize import PackedImages, pack_images
-from fastbyol.pipelines.prefetch import ViewJob, crop_views, prefetch, to_device
+from fastbyol.pipelines.prefetch import crop_views, make_view_job, prefetch, to_device
 from fastbyol.pipelines.torchvision import eval_crop
 from fastbyol.views import Views, byol_view_specs, epoch_batches, fixed_subset, sample_view_params, view_dtype
 
@@ -591,11 +591,11 @@ class FfcvLoader(_BetonLoader):
                 if self.kind == "views":
                     yield torch.from_numpy(images), pair, labels, index
                 elif self.kind == "packed":
-                    yield ViewJob(self._images(images, index.numpy()), pair, labels, index)
+                    yield make_view_job(self._images(images, index.numpy()), pair, labels, index)
                 else:  # decoded here, on the device, on this stream: the engine's stream waits for it
                     decoded = self._images(images, index.numpy())
                     ready = torch.cuda.current_stream(self.device).record_event() if self.device.type == "cuda" else None
-                    yield ViewJob(decoded, pair, labels, index), ready
+                    yield make_view_job(decoded, pair, labels, index), ready
 
         yield from prefetch(jobs(), self._engine, self.device)
 

@@ -46,7 +46,7 @@ from fastbyol import InputError
 from fastbyol.kernels.augment import normalize
 from fastbyol.kernels.crop_resize import PackedImages, crop_resize, pack_images
 from fastbyol.pipelines import torchvision as reference
-from fastbyol.pipelines.prefetch import ViewJob, crop_views, prefetch, to_device
+from fastbyol.pipelines.prefetch import ViewJob, crop_views, make_view_job, prefetch, to_device
 from fastbyol.views import Views, byol_view_specs, epoch_batches, fixed_subset, sample_view_params, view_dtype
 
 log = logging.getLogger(__name__)
@@ -389,7 +389,8 @@ def view_job(resident: ResidentSplit, specs, seed: int, epoch: int, batch: np.nd
     heights, widths = torch.from_numpy(resident.heights[used]), torch.from_numpy(resident.widths[used])
     params = tuple(sample_view_params(seed, epoch, used, view, spec, heights, widths)
                    for view, spec in enumerate(specs))
-    return ViewJob(resident.packed(used), params, torch.from_numpy(resident.labels[used]), torch.from_numpy(used))
+    return make_view_job(resident.packed(used), params, torch.from_numpy(resident.labels[used]),
+                         torch.from_numpy(used))
 
 
 class _CpuViews(Dataset):

@@ -48,12 +48,24 @@ class ViewJob(NamedTuple):
     params: tuple[ViewParams, ViewParams]
     labels: torch.Tensor
     index: torch.Tensor
+    # Each view's largest crop height, read while the params are still on the host, so that
+    # crop_resize need not read it back from the device (a host sync on the side stream).
+    max_heights: tuple[int, int] | None = None
+
+
+def make_view_job(images: PackedImages, params: tuple[ViewParams, ViewParams], labels: torch.Tensor,
+             index: torch.Tensor) -> ViewJob:
+    """A ViewJob from host params, with each view's largest crop height read on the host now."""
+    heights = tuple(int(p.crop[:, 2].max()) if len(p.crop) else 1 for p in params)
+    return ViewJob(images, params, labels, index, heights)
 
 
 def crop_views(job: ViewJob, specs: tuple[ViewSpec, ViewSpec], dtype: torch.dtype) -> Views:
     """The view engine: crop_resize, then photometric (normalized to dtype), for both views."""
-    v1, v2 = (photometric(crop_resize(job.images, params.crop, params.flip, spec.size), params, spec, dtype)
-              for params, spec in zip(job.params, specs))
+    heights = job.max_heights or (None, None)
+    v1, v2 = (photometric(crop_resize(job.images, params.crop, params.flip, spec.size, max_height=height),
+                          params, spec, dtype)
+              for params, spec, height in zip(job.params, specs, heights))
     return Views(v1, v2, job.labels, job.index)
 
 
