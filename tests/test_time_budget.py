@@ -28,7 +28,8 @@ def test_a_budgeted_run_ends_inside_its_budget_with_the_schedule_complete(tiny_f
     config = json.loads((out / "config.json").read_text())
     summary = json.loads((out / "summary.json").read_text())
     steps = config["steps"]
-    assert steps > 20 and summary["steps"] == steps  # sized from the rate, and run to the end
+    # Sized from the rate (at least two epochs even on a loaded machine), and run to the end.
+    assert steps >= 8 and summary["steps"] == steps
     assert config["epochs"] == pytest.approx(steps / 4)  # 64 images / batch 16: 4 steps an epoch
     assert config["tau_base"] == 0.97 if config["epochs"] < 63 else 0.99  # the preset of that length
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -41,7 +42,8 @@ def test_a_budgeted_run_ends_inside_its_budget_with_the_schedule_complete(tiny_f
     assert trained[-1]["lr"] < 0.01 * peak
     assert trained[-1]["tau"] == pytest.approx(tau_at(steps - 1, steps, config["tau_base"]))
     assert 1 - trained[-1]["tau"] < 0.01 * (1 - config["tau_base"])
-    assert len([line for line in lines if "knn_top1" in line]) >= 3  # random init, along the way, end
+    # k-NN at random init, every --knn-every 20 epochs (4 steps each) before the last step, and at the end.
+    assert len([line for line in lines if "knn_top1" in line]) == 2 + (steps - 1) // (20 * 4)
 
 
 def test_resume_keeps_the_measured_step_count(tiny_folder, tmp_path, caplog):
