@@ -282,3 +282,16 @@ def fixed_subset(num_samples: int, size: int | None, seed: int) -> list[int]:
         return list(range(num_samples))
     order = torch.randperm(num_samples, generator=keyed_generator("subset", seed))
     return sorted(order[:size].tolist())
+
+
+def training_indices(num_samples: int, subset: int, seed: int, batch_size: int, world_size: int,
+                     where: str) -> list[int]:
+    """The dataset indices a training loader trains on: all of them, or with subset > 0 a fixed
+    subset keyed by seed. Raises InputError naming `where` (the data) when they do not fill one
+    global batch of batch_size x world_size."""
+    indices = fixed_subset(num_samples, subset or None, seed)
+    if len(indices) < batch_size * world_size:
+        from fastbyol import InputError
+        raise InputError(f"{where}: {len(indices)} training images are fewer than one global batch "
+                         f"({batch_size} x {world_size} ranks)")
+    return indices

@@ -38,7 +38,7 @@ from fastbyol import InputError
 from fastbyol.dali_lists import CONVERT_HINT, Split, read_split
 from fastbyol.kernels.augment import normalize, photometric
 from fastbyol.views import (ViewParams, ViewSpec, Views, byol_view_specs, epoch_batches, fixed_subset,
-                            sample_view_params, view_dtype)
+                            sample_view_params, training_indices, view_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -429,10 +429,8 @@ class DaliLoader(_DaliLoaderBase):
                          hw_decoder_load=hw_decoder_load)
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.specs = byol_view_specs(image_size, small=small, scale=crop_scale)
-        self.indices = fixed_subset(len(self.files), subset or None, seed)
-        if len(self) == 0:
-            raise InputError(f"{self.root}: {len(self.indices)} {split} images are fewer than one "
-                             f"global batch ({batch_size} x {world_size} ranks)")
+        self.indices = training_indices(len(self.files), subset, seed, batch_size, world_size,
+                                        f"{self.root} ({split})")
 
     def __len__(self) -> int:
         return len(self.indices) // (self.batch_size * self.world_size)
@@ -460,7 +458,7 @@ class DaliLoader(_DaliLoaderBase):
         """(view 1, view 2, params 1, params 2, labels, index) per batch, before the photometric
         stage: uint8 (N, 3, S, S) channels_last views on the device (DALI's memory), CPU params,
         labels and indices."""
-        pipe = self.pipeline(epoch, start_batch)
+        self.pipeline(epoch, start_batch)  # built, its next batch (epoch, start_batch)
         order = self._source(epoch, 0)
         for batch in range(start_batch, len(self)):
             ahead = [order.batch_indices(*order.position(batch + k)) for k in range(self._lookahead())]

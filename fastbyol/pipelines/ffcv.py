@@ -44,7 +44,8 @@ from fastbyol.kernels.augment import normalize, photometric
 from fastbyol.kernels.crop_resize import PackedImages, pack_images
 from fastbyol.pipelines.prefetch import crop_views, make_view_job, prefetch, to_device
 from fastbyol.pipelines.torchvision import eval_crop
-from fastbyol.views import Views, byol_view_specs, epoch_batches, fixed_subset, sample_view_params, view_dtype
+from fastbyol.views import (Views, byol_view_specs, epoch_batches, fixed_subset, sample_view_params,
+                            training_indices, view_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -540,10 +541,8 @@ class FfcvLoader(_BetonLoader):
         super().__init__(root, split, workers, device, dtype, ffcv_decode, os_cache)
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.specs = byol_view_specs(image_size, small=small, scale=crop_scale)
-        self.indices = fixed_subset(self.dataset_size, subset or None, seed)
-        if len(self) == 0:
-            raise InputError(f"{self.path}: {len(self.indices)} {split} images are fewer than one "
-                             f"global batch ({batch_size} x {world_size} ranks)")
+        self.indices = training_indices(self.dataset_size, subset, seed, batch_size, world_size,
+                                        str(self.path))
         self.kind = "bytes" if ffcv_decode == "gpu" else "views" if crop_on == "cpu" else "packed"
         self.pipeline = _pipeline(self.path, self.kind, batch_size, workers, os_cache, image_size,
                                   int(self.nbytes.max()) if self.kind == "bytes" else 0)

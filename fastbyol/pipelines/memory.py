@@ -47,7 +47,8 @@ from fastbyol.kernels.augment import normalize
 from fastbyol.kernels.crop_resize import PackedImages, crop_resize, pack_images
 from fastbyol.pipelines import torchvision as reference
 from fastbyol.pipelines.prefetch import ViewJob, crop_views, make_view_job, prefetch, to_device
-from fastbyol.views import Views, byol_view_specs, epoch_batches, fixed_subset, sample_view_params, view_dtype
+from fastbyol.views import (Views, byol_view_specs, epoch_batches, fixed_subset, sample_view_params,
+                            training_indices, view_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -353,10 +354,8 @@ class MemoryLoader(_MemoryLoader):
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.workers = workers
         self.specs = byol_view_specs(image_size, small=small, scale=crop_scale)
-        self.indices = fixed_subset(len(self.resident), subset or None, seed)
-        if len(self) == 0:
-            raise InputError(f"{self.root}: {len(self.indices)} {split} images are fewer than one "
-                             f"global batch ({batch_size} x {world_size} ranks)")
+        self.indices = training_indices(len(self.resident), subset, seed, batch_size, world_size,
+                                        f"{self.root} ({split})")
 
     def __len__(self) -> int:
         return len(self.indices) // (self.batch_size * self.world_size)

@@ -26,7 +26,7 @@ from fastbyol import InputError
 from fastbyol.kernels.augment import normalize, photometric_batched, photometric_reference_batch
 from fastbyol.kernels.crop_resize import crop_and_flip
 from fastbyol.views import (ViewParams, ViewSpec, Views, byol_view_specs, epoch_batches, fixed_subset,
-                            sample_view_params, view_dtype)
+                            sample_view_params, training_indices, view_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -296,10 +296,8 @@ class TorchvisionLoader(_FolderLoader):
         self.photometric = photometric
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.specs = byol_view_specs(image_size, small=small, scale=crop_scale)
-        self.indices = fixed_subset(len(self.samples), subset or None, seed)
-        if len(self) == 0:
-            raise InputError(f"{self.root}: {len(self.indices)} {split} images are fewer than one "
-                             f"global batch ({batch_size} x {world_size} ranks)")
+        self.indices = training_indices(len(self.samples), subset, seed, batch_size, world_size,
+                                        f"{self.root} ({split})")
 
     def __len__(self) -> int:
         return len(self.indices) // (self.batch_size * self.world_size)
