@@ -13,6 +13,11 @@ nn.BatchNorm over the global batch (momentum, or the cumulative average when mom
 unbiased variance), and the module's parameters, buffers and state_dict keys are exactly
 nn.BatchNorm's, so checkpoints and backbone.pt do not change. With no process group it is
 nn.BatchNorm, call for call.
+
+Known limit: the variance is E[x^2] - E[x]^2 in fp32, which loses digits where a channel's mean is
+large against its spread (a review measured a running variance 40% off for inputs of mean 100 and
+std 0.05; nn.BatchNorm uses Welford's method). Typical ResNet activations are far from that; an
+exact combination needs per-rank (count, mean, M2) gathered instead of summed.
 """
 from __future__ import annotations
 

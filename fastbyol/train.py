@@ -113,9 +113,10 @@ def build(cfg: Config, num_classes: int, device: torch.device, dist: Dist):
                      foreach=cfg.fused)
     net = model
     if dist.enabled:
-        # buffers are not broadcast: SyncBN keeps them equal (NCCL and gloo); rank 0's are the ones saved
+        # With SyncBN the buffers stay equal (NCCL and gloo) and need no broadcast; without it, rank
+        # 0's are broadcast each forward, so every rank's k-NN features and the saved ones agree.
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                      broadcast_buffers=False, gradient_as_bucket_view=True)
+                                      broadcast_buffers=not cfg.sync_bn, gradient_as_bucket_view=True)
     step_fn = BYOLStep(model, optimizer, net, precision=cfg.precision, compile=cfg.compile,
                        fused=cfg.fused)
     return model, optimizer, step_fn

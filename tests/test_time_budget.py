@@ -31,7 +31,7 @@ def test_a_budgeted_run_ends_inside_its_budget_with_the_schedule_complete(tiny_f
     # Sized from the rate (at least two epochs even on a loaded machine), and run to the end.
     assert steps >= 8 and summary["steps"] == steps
     assert config["epochs"] == pytest.approx(steps / 4)  # 64 images / batch 16: 4 steps an epoch
-    assert config["tau_base"] == 0.97 if config["epochs"] < 63 else 0.99  # the preset of that length
+    assert config["tau_base"] == (0.97 if config["epochs"] < 63 else 0.99)  # the preset of that length
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     trained = [line for line in lines if "lr" in line]
     assert trained[-1]["step"] == steps

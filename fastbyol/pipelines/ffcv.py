@@ -41,7 +41,7 @@ import torch
 
 from fastbyol import InputError
 from fastbyol.kernels.augment import normalize, photometric
-from fastbyol.kernels.crop_resize import PackedImages, pack_images
+from fastbyol.kernels.crop_resize import PackedImages
 from fastbyol.pipelines.prefetch import crop_views, make_view_job, prefetch, to_device
 from fastbyol.pipelines.torchvision import eval_crop
 from fastbyol.views import (Views, byol_view_specs, epoch_batches, fixed_subset, sample_view_params,
@@ -522,7 +522,11 @@ class _BetonLoader:
         import torchvision.io  # looked up at each call: the decode-count test wraps decode_jpeg
         encoded = [torch.from_numpy(images[i, :n]) for i, n in enumerate(self.nbytes[index].tolist())]
         decoded = torchvision.io.decode_jpeg(encoded, mode=torchvision.io.ImageReadMode.RGB, device=self.device)
-        return pack_images(decoded, self.device)
+        # Offsets and sizes stay host tensors, known from the metadata: the prefetcher carries them in
+        # its one pinned copy (pack_images would copy them from pageable memory: a host sync per batch).
+        numel = 3 * heights * widths
+        return PackedImages(torch.cat([image.reshape(-1) for image in decoded]),
+                            torch.cumsum(numel, 0) - numel, heights, widths)
 
 
 class FfcvLoader(_BetonLoader):

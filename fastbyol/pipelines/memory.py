@@ -419,24 +419,28 @@ class MemoryEvalLoader(_MemoryLoader):
     def __len__(self) -> int:
         return math.ceil(len(self.indices) / self.batch_size)
 
-    def _crops(self, images: PackedImages, boxes: torch.Tensor) -> torch.Tensor:
+    def _crops(self, images: PackedImages, host: PackedImages, boxes: torch.Tensor) -> torch.Tensor:
+        """images: the batch with its tables on the device; host: the same batch with host tables
+        (the resident pixels either way), read on the host: reading the device copies would be a host
+        sync per image."""
         if self.small:  # the whole image resized to size x size: crop_resize with the full box
-            return crop_resize(images, boxes, torch.zeros_like(boxes[:, 0], dtype=torch.bool), self.image_size)
+            return crop_resize(images, boxes, torch.zeros_like(boxes[:, 0], dtype=torch.bool),
+                               self.image_size, max_height=int(host.heights.max()))
         # The shorter side resized, then a centre crop: not a crop box, so the reference's own ops.
-        return torch.stack([reference.eval_crop(images.image(i), self.image_size, small=False)
-                            for i in range(len(images))])
+        return torch.stack([reference.eval_crop(host.image(i), self.image_size, small=False)
+                            for i in range(len(host))])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         indices = np.asarray(self.indices, dtype=np.int64)
         for start in range(0, len(indices), self.batch_size):
             used = self.resident.stand_in[indices[start:start + self.batch_size]]
-            images = self.resident.packed(used)
-            boxes = torch.stack([torch.zeros_like(images.heights), torch.zeros_like(images.heights),
-                                 images.heights, images.widths], dim=1)
+            host = self.resident.packed(used)
+            boxes = torch.stack([torch.zeros_like(host.heights), torch.zeros_like(host.heights),
+                                 host.heights, host.widths], dim=1)
             images, boxes, labels, index = to_device(
-                (images, boxes, torch.from_numpy(self.resident.labels[used]), torch.from_numpy(used)),
+                (host, boxes, torch.from_numpy(self.resident.labels[used]), torch.from_numpy(used)),
                 self.device)
-            yield normalize(self._crops(images, boxes), self.dtype), labels, index
+            yield normalize(self._crops(images, host, boxes), self.dtype), labels, index
 
 
 def estimated_bytes(root: str | os.PathLike, split: str = "train", probe: int = 16,

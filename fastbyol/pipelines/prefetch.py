@@ -1,7 +1,8 @@
 """The device prefetcher: the view engine for batch k+1 runs on a side CUDA stream while the training
 step runs batch k on its own stream. On the CPU it is a plain pass-through that yields the same Views.
 
-API (for every loader whose views are made on the device: memory, FFCV, DALI):
+API (for the loaders whose views are made on the device: memory and FFCV; DALI runs its own
+pipeline ahead and applies photometric on the consumer's stream):
 
     for views in prefetch(jobs, engine, device): ...
 
@@ -12,8 +13,8 @@ API (for every loader whose views are made on the device: memory, FFCV, DALI):
   device runs batch k.
 - `engine(job) -> Views`: turns a job whose tensors are all on `device` into Views. It runs on the
   side stream, so it must not synchronise the host. `crop_views` below is the usual engine
-  (crop_resize, then photometric, for both views); a loader whose crops come out of its decoder (DALI)
-  passes its own.
+  (crop_resize, then photometric, for both views); a loader whose crops come out of its decoder would
+  pass its own.
 - `to_device(job, device)`: the copy used for each job, also usable alone (the memory loader's
   evaluation batches): every host tensor of the job is packed into ONE pinned buffer and crosses in
   ONE non-blocking copy; the job's tensors become views into the device buffer. Never row by row.
