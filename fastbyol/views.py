@@ -295,3 +295,11 @@ def training_indices(num_samples: int, subset: int, seed: int, batch_size: int, 
         raise InputError(f"{where}: {len(indices)} training images are fewer than one global batch "
                          f"({batch_size} x {world_size} ranks)")
     return indices
+
+
+def eval_indices(num_samples: int, max_samples: int | None, seed: int, rank: int,
+                 world_size: int) -> list[int]:
+    """This rank's share of an evaluation split: a fixed subset of max_samples keyed by seed (all
+    when None), cut into world_size disjoint contiguous slices without padding."""
+    chosen = fixed_subset(num_samples, max_samples, seed)
+    return chosen[rank * len(chosen) // world_size:(rank + 1) * len(chosen) // world_size]

@@ -37,7 +37,7 @@ import torch
 from fastbyol import InputError
 from fastbyol.dali_lists import CONVERT_HINT, Split, read_split
 from fastbyol.kernels.augment import normalize, photometric
-from fastbyol.views import (ViewParams, ViewSpec, Views, byol_view_specs, epoch_batches, fixed_subset,
+from fastbyol.views import (ViewParams, ViewSpec, Views, byol_view_specs, epoch_batches, eval_indices,
                             sample_view_params, training_indices, view_dtype)
 
 log = logging.getLogger(__name__)
@@ -495,8 +495,7 @@ class DaliEvalLoader(_DaliLoaderBase):
         super().__init__(root, split, workers=workers, device=device, dtype=dtype,
                          hw_decoder_load=hw_decoder_load)
         self.image_size, self.batch_size, self.small = image_size, batch_size, small
-        chosen = fixed_subset(len(self.files), max_samples, seed)
-        self.indices = chosen[rank * len(chosen) // world_size:(rank + 1) * len(chosen) // world_size]
+        self.indices = eval_indices(len(self.files), max_samples, seed, rank, world_size)
         self.batches = [self.indices[k:k + batch_size] for k in range(0, len(self.indices), batch_size)]
 
     def __len__(self) -> int:

@@ -44,7 +44,7 @@ from fastbyol.kernels.augment import normalize, photometric
 from fastbyol.kernels.crop_resize import PackedImages
 from fastbyol.pipelines.prefetch import crop_views, make_view_job, prefetch, to_device
 from fastbyol.pipelines.torchvision import eval_crop
-from fastbyol.views import (Views, byol_view_specs, epoch_batches, fixed_subset, sample_view_params,
+from fastbyol.views import (Views, byol_view_specs, epoch_batches, eval_indices, sample_view_params,
                             training_indices, view_dtype)
 
 log = logging.getLogger(__name__)
@@ -631,8 +631,7 @@ class FfcvEvalLoader(_BetonLoader):
                  dtype: torch.dtype | None = None, ffcv_decode: str = "cpu", os_cache: bool = False):
         super().__init__(root, split, workers, device, dtype, ffcv_decode, os_cache)
         self.image_size, self.small, self.batch_size = image_size, small, batch_size
-        chosen = fixed_subset(self.dataset_size, max_samples, seed)
-        self.indices = chosen[rank * len(chosen) // world_size:(rank + 1) * len(chosen) // world_size]
+        self.indices = eval_indices(self.dataset_size, max_samples, seed, rank, world_size)
         self.kind = "bytes" if ffcv_decode == "gpu" else "packed"
         self.pipeline = _pipeline(self.path, self.kind, batch_size, workers, os_cache, 0,
                                   int(self.nbytes.max()) if self.kind == "bytes" else 0)

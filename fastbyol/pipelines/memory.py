@@ -47,7 +47,7 @@ from fastbyol.kernels.augment import normalize
 from fastbyol.kernels.crop_resize import PackedImages, crop_resize, pack_images
 from fastbyol.pipelines import torchvision as reference
 from fastbyol.pipelines.prefetch import ViewJob, crop_views, make_view_job, prefetch, to_device
-from fastbyol.views import (Views, byol_view_specs, epoch_batches, fixed_subset, sample_view_params,
+from fastbyol.views import (Views, byol_view_specs, epoch_batches, eval_indices, sample_view_params,
                             training_indices, view_dtype)
 
 log = logging.getLogger(__name__)
@@ -413,8 +413,7 @@ class MemoryEvalLoader(_MemoryLoader):
                  max_samples: int | None = None, seed: int = 0, dtype: torch.dtype | None = None):
         super().__init__(root, split, workers, device, dtype, progress=rank == 0)
         self.image_size, self.batch_size, self.small = image_size, batch_size, small
-        chosen = fixed_subset(len(self.resident), max_samples, seed)
-        self.indices = chosen[rank * len(chosen) // world_size:(rank + 1) * len(chosen) // world_size]
+        self.indices = eval_indices(len(self.resident), max_samples, seed, rank, world_size)
 
     def __len__(self) -> int:
         return math.ceil(len(self.indices) / self.batch_size)

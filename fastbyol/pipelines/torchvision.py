@@ -25,7 +25,7 @@ from torchvision.transforms import InterpolationMode
 from fastbyol import InputError
 from fastbyol.kernels.augment import normalize, photometric_batched, photometric_reference_batch
 from fastbyol.kernels.crop_resize import crop_and_flip
-from fastbyol.views import (ViewParams, ViewSpec, Views, byol_view_specs, epoch_batches, fixed_subset,
+from fastbyol.views import (ViewParams, ViewSpec, Views, byol_view_specs, epoch_batches, eval_indices,
                             sample_view_params, training_indices, view_dtype)
 
 log = logging.getLogger(__name__)
@@ -331,8 +331,7 @@ class EvalLoader(_FolderLoader):
                  max_samples: int | None = None, seed: int = 0, dtype: torch.dtype | None = None):
         super().__init__(root, split, workers, device, dtype)
         self.image_size, self.batch_size, self.small = image_size, batch_size, small
-        chosen = fixed_subset(len(self.samples), max_samples, seed)
-        self.indices = chosen[rank * len(chosen) // world_size:(rank + 1) * len(chosen) // world_size]
+        self.indices = eval_indices(len(self.samples), max_samples, seed, rank, world_size)
 
     def __len__(self) -> int:
         return math.ceil(len(self.indices) / self.batch_size)
