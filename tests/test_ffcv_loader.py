@@ -166,6 +166,32 @@ def test_numba_view_resize_matches_torchvision():
         assert diff.max() <= 2 and diff.mean() < 0.01, ((top, left, height, width, flip, size), diff.max(), diff.mean())
 
 
+def test_bench_host_only_stages_what_each_design_sends(cifar, tmp_path):
+    """`bench loader --loader ffcv --host-only` (the figures that chose design (a)): a row per design and
+    one of kernel costs; (a) stages each decoded 32 x 32 image (3 kB) and (b) its two 32 x 32 views
+    (6 kB), plus the per-sample parameters. The converter output is the fixture's (the bench's DIR-ffcv
+    convention, by a link), so the FFCV pipelines are the other tests'."""
+    from fastbyol.bench.__main__ import main as bench_main
+    source, out = cifar
+    link = source.parent / f"{source.name}-ffcv"
+    if not link.exists():
+        link.symlink_to(out, target_is_directory=True)
+    result_path = tmp_path / "host.json"
+    bench_main(["loader", "--loader", "ffcv", "--data", str(source), "--crop-on", "device", "cpu", "--host-only",
+                "--baselines", "", "--batch-size", str(BATCH), "--image-size", "32", "--batches", "2", "--warmup",
+                "1", "--workers", "1", "--device", "cpu", "--json", str(result_path)])
+    rows = {row["path"]: row for row in json.loads(result_path.read_text())["rows"]}
+    kernels = rows["ffcv numba kernels, 1 thread (ms per image; resize_view per view)"]
+    assert kernels["images"] == 200 and kernels["mean_pixels"] == 32 * 32
+    assert all(kernels[f"{name}_ms_per_img"] > 0 for name in ("decode", "to_chw", "resize_view"))
+    a = rows["ours: ffcv, cpu decode, (a) crop on the device, host side only"]
+    b = rows["ours: ffcv, cpu decode, (b) crop in numba, host side only"]
+    assert a["img_per_s"] > 0 and b["img_per_s"] > 0
+    image_kb, params_kb = 3 * 32 * 32 / 1024, 0.5  # the parameters: a few dozen numbers per sample and view
+    assert image_kb <= a["staged_kb_per_img"] < image_kb + params_kb
+    assert 2 * image_kb <= b["staged_kb_per_img"] < 2 * image_kb + params_kb
+
+
 def test_each_image_is_decoded_once(cifar, monkeypatch):
     """Decodes counted where FFCV calls libjpeg-turbo (its ctypes entry point), with numba off so that
     the pipeline's Python runs; and where the gpu mode calls torchvision's decode_jpeg."""

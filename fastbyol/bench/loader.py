@@ -4,6 +4,7 @@ step's dtype), with baselines in the same run.
     python -m fastbyol.bench loader --data DIR [--loader dali|torchvision|memory|ffcv]
         [--baselines torchvision,dali-colour,ffcv-stock] [--batch-size 256] [--image-size 224]
         [--batches 20] [--warmup 3] [--workers N] [--hw-decoder-load 0.65 ...] [--json PATH]
+        [--ffcv-decode cpu gpu] [--crop-on device cpu] [--host-only]
 
 DIR is an ImageFolder (benchmarks/make_bench_folder.py makes the benchmark one); the loaders that read
 a converter output (dali, ffcv) get DIR converted first, beside it (DIR-dali, DIR-ffcv; kept for the
@@ -13,7 +14,11 @@ next run). img/s counts source images, each yielding two views. Baselines:
                random_resized_crop, flip, then brightness/contrast, saturation, hue, grayscale, blur,
                solarize, each applied with its probability, always in this order;
   ffcv-stock   FFCV's stock two-view pipeline (fastbyol.bench.ffcv_stock; skipped when absent).
-Several --hw-decoder-load values give one dali row each.
+Several --hw-decoder-load values give one dali row each; for --loader ffcv, each --ffcv-decode value
+gives a row, the cpu one a row per --crop-on value (the designs: (a) "device", (b) "cpu").
+--host-only (ffcv, cpu decode) times the host's side alone: FFCV's threads decoding (and for (b)
+resizing) and the copy of each batch into one staging buffer, with the bytes per image that would cross
+to the device; the device's work is left out, so the designs compare on what the host pays.
 """
 from __future__ import annotations
 
@@ -45,6 +50,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None, help="loader workers (default: one per core)")
     parser.add_argument("--hw-decoder-load", type=float, nargs="+", default=[0.65],
                         help="--loader dali: one row per value")
+    parser.add_argument("--ffcv-decode", nargs="+", default=["cpu"], choices=("cpu", "gpu"),
+                        help="--loader ffcv: one row per value")
+    parser.add_argument("--crop-on", nargs="+", default=["device"], choices=("device", "cpu"),
+                        help="--loader ffcv, cpu decode: one row per value (design (a) device, (b) cpu)")
+    parser.add_argument("--host-only", action="store_true",
+                        help="--loader ffcv, cpu decode: time the host's side only (no device work)")
     parser.add_argument("--device", default=None, help="default: cuda when there is one")
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
     parser.add_argument("--json", help="where to write the result (default benchmarks/results/)")
@@ -91,6 +102,65 @@ def loader_rate(name: str, args, device, workers: int, **options) -> dict:
                           small=args.image_size <= 64, seed=0, workers=workers, device=device,
                           dtype=view_dtype(args.precision, device), **options)
     return _rate(_epochs(loader), args, device)
+
+
+def ffcv_host_rate(args, workers: int, crop_on: str) -> dict:
+    """img/s of the FFCV loader's host side alone (cpu decode): its jobs as the prefetcher receives them
+    (FFCV's threads decode, and for crop_on="cpu" resize both views), each copied into one staging
+    buffer as `to_device` does before its copy; plus the kB per image that buffer carries."""
+    from fastbyol.pipelines.ffcv import FfcvLoader
+    from fastbyol.pipelines.prefetch import through_one_buffer
+    loader = FfcvLoader(_converted(Path(args.data), "ffcv", workers), batch_size=args.batch_size,
+                        image_size=args.image_size, small=args.image_size <= 64, seed=0, workers=workers,
+                        device="cpu", crop_on=crop_on)
+    staged = []
+
+    def batches():
+        epoch = 0
+        while True:
+            for job in loader.host_jobs(epoch):
+                yield through_one_buffer(job, lambda staging: staged.append(staging.numel()) or staging, pin=False)
+            epoch += 1
+
+    row = _rate(batches(), args, torch.device("cpu"))
+    return row | dict(staged_kb_per_img=round(sum(staged) / len(staged) / args.batch_size / 1024, 1))
+
+
+def ffcv_kernel_costs(args, workers: int, images: int = 200) -> dict:
+    """ms per image of each numba kernel of the FFCV loader, one thread, on the .beton's first
+    `images` images with the sampler's epoch-0 boxes: decode (libjpeg-turbo), to_chw (design (a)'s
+    repack) and resize_view (design (b), per view)."""
+    import numpy as np
+
+    from fastbyol.pipelines.ffcv import _kernels, beton_path, open_beton
+    from fastbyol.views import sample_view_params
+    reader = open_beton(beton_path(_converted(Path(args.data), "ffcv", workers), "train"))
+    meta = reader.metadata["f0"][:images]
+    sizes = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
+    raw = np.fromfile(reader.file_name, np.uint8)
+    data = [raw[int(p):int(p) + sizes[int(p)]] for p in meta["data_ptr"]]
+    heights, widths = torch.from_numpy(meta["height"].astype(np.int64)), torch.from_numpy(meta["width"].astype(np.int64))
+    spec = byol_view_specs(args.image_size, small=args.image_size <= 64)[0]
+    boxes = sample_view_params(0, 0, torch.arange(len(meta)), 0, spec, heights, widths)
+    kernels = _kernels(True)
+    hwc = np.empty(int((heights * widths).max()) * 3, np.uint8)
+    chw, view = np.empty_like(hwc), np.empty((3, spec.size, spec.size), np.uint8)
+    seconds = dict(decode=0.0, to_chw=0.0, resize_view=0.0)
+    for first in (True, False):  # the first pass compiles
+        for i, (h, w) in enumerate(zip(heights.tolist(), widths.tolist())):
+            start = time.perf_counter()
+            kernels.decode(data[i], int(meta["mode"][i]), h, w, hwc)
+            decoded = time.perf_counter()
+            kernels.to_chw(hwc, h, w, chw)
+            repacked = time.perf_counter()
+            kernels.resize_view(hwc, w, *boxes.crop[i].tolist(), int(boxes.flip[i]), view)
+            resized = time.perf_counter()
+            if not first:
+                for name, seconds_ in (("decode", decoded - start), ("to_chw", repacked - decoded),
+                                       ("resize_view", resized - repacked)):
+                    seconds[name] += seconds_
+    return {f"{name}_ms_per_img": round(1e3 * total / len(meta), 3) for name, total in seconds.items()} | dict(
+        images=len(meta), mean_pixels=int((heights * widths).float().mean()))
 
 
 def dali_fixed_order_colour(fn, types, view, spec):
@@ -194,6 +264,21 @@ def run(args, recorder) -> dict:
         for load in args.hw_decoder_load:
             measure("ours: dali", lambda: loader_rate("dali", args, device, workers, hw_decoder_load=load),
                     hw_decoder_load=load)
+    elif args.loader == "ffcv":
+        if args.host_only:
+            measure("ffcv numba kernels, 1 thread (ms per image; resize_view per view)",
+                    lambda: ffcv_kernel_costs(args, workers))
+        for decode in args.ffcv_decode:
+            for crop_on in args.crop_on if decode == "cpu" else ["device"]:
+                design = "" if decode == "gpu" else {"device": ", (a) crop on the device", "cpu": ", (b) crop in numba"}[crop_on]
+                path = f"ours: ffcv, {decode} decode{design}"
+                if args.host_only and decode == "cpu":
+                    measure(f"{path}, host side only", lambda: ffcv_host_rate(args, workers, crop_on))
+                elif args.host_only:
+                    measure(path, lambda: dict(note="skipped: --host-only times the cpu decode designs"))
+                else:
+                    measure(path, lambda: loader_rate("ffcv", args, device, workers, ffcv_decode=decode,
+                                                      crop_on=crop_on))
     else:
         measure(f"ours: {args.loader}", lambda: loader_rate(args.loader, args, device, workers))
     if "torchvision" in baselines:
