@@ -31,7 +31,8 @@ it OUT/<split>_sizes.txt (`<height> <width> <bytes>` of each listed file: the up
 DALI loader's sampler needs before decoding, and the length that tells a file changed since); the
 format is fastbyol.dali_lists'. Originals are relative to DIR; repaired copies (full size, upright,
 RGB, baseline JPEG) are written under OUT/repaired/, mirroring their DIR-relative path, and their
-lines, relative to OUT, start with `repaired/`. `dali_file_list` resolves a list to absolute paths.
+lines, relative to OUT, start with `repaired/`. `fastbyol.dali_lists.file_list` resolves a list to
+absolute paths.
 
 Both targets write OUT/classes.json (a list: index -> class name) and OUT/report.json (`counts` per
 category, `reasons`, and `files`: every file that is not ok, with its category and reason).
@@ -65,7 +66,6 @@ from tqdm import tqdm
 import fastbyol
 from fastbyol import InputError
 from fastbyol.dali_lists import REPAIRED_DIR, Entry, write_split
-from fastbyol.dali_lists import file_list as dali_file_list  # noqa: F401  (the converter's reader)
 from fastbyol.pipelines.torchvision import is_hidden, to_rgb, walk_class_folder
 
 log = logging.getLogger("fastbyol.convert")
@@ -136,7 +136,7 @@ def scan_source(root: Path) -> list[Split]:
         hint = f"{folders[reference]}/<class>/<images>"
         raise InputError(f"{folders[reference]}: no class folders (expected {hint})")
     if not named and REPAIRED_DIR in classes:
-        # DALI list lines starting with repaired/ would be ambiguous (see dali_file_list)
+        # DALI list lines starting with repaired/ would be ambiguous (see fastbyol.dali_lists.file_list)
         raise InputError(f"{root / REPAIRED_DIR}: a class folder named {REPAIRED_DIR!r} is only "
                          "supported in the DIR/train/<class> layout")
     splits = []

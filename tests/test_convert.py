@@ -18,8 +18,9 @@ import pytest
 from PIL import Image, ImageOps
 
 from fastbyol import bench
-from fastbyol.convert import (REPAIRED_DIR, ValidationLog, _ffcv_decodes_cleanly, convert, dali_file_list,
-                              downscale, main, read_jpeg_header)
+from fastbyol.convert import (REPAIRED_DIR, ValidationLog, _ffcv_decodes_cleanly, convert, downscale, main,
+                              read_jpeg_header)
+from fastbyol.dali_lists import file_list as dali_file_list
 from fastbyol.pipelines.ffcv import constant_size_loader, open_beton, read_image
 from fastbyol.pipelines.torchvision import IMAGE_EXTENSIONS
 

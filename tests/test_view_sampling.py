@@ -8,7 +8,6 @@ import torch
 import torchvision.transforms as T
 from scipy import stats
 
-from conftest import ALPHA
 from fastbyol.views import (VIEW_DRAWS, ViewSpec, byol_view_specs, philox4x64,
                                       sample_view_params, view_uniforms)
 
