@@ -13,6 +13,7 @@ a dead peer fails after --dist-timeout seconds instead of hanging.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -84,6 +85,16 @@ def launch(nproc: int, module: str, argv: list[str]) -> int:
         print(f"{module}: {what}; the other workers were stopped", file=sys.stderr)
         return 1
     return 0
+
+
+def configure_logging() -> None:
+    """The log format of the entry points. Under torchrun (RANK set), INFO lines come from rank 0
+    alone, which would otherwise be repeated by every rank; warnings and errors come from every rank,
+    those of the others prefixed with their rank (a bad file or a failing rank is that rank's news)."""
+    rank = int(os.environ.get("RANK", "0"))
+    prefix = f"[rank {rank}] " if rank else ""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"{prefix}%(levelname)s %(name)s: %(message)s")
 
 
 def init(device: torch.device, timeout_s: float) -> tuple[Dist, torch.device]:

@@ -158,7 +158,7 @@ def load_encoder(checkpoint: Path, which: str, device: torch.device):
 
 def main(argv=None) -> None:
     """Under torchrun every rank extracts and scores its shard; rank 0 prints the result."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    dist_mod.configure_logging()
     parser = argparse.ArgumentParser(prog="fastbyol.evaluate")
     parser.add_argument("protocol", choices=("knn", "linear"))
     parser.add_argument("--checkpoint", type=Path, required=True, help="a fastbyol training checkpoint")

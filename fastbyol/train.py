@@ -505,7 +505,7 @@ def backbone_class(cfg: Config) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    dist_mod.configure_logging()
     try:
         cfg, given, _ = config_mod.parse_args(argv)
         if dist_mod.needs_launch(cfg.nproc):

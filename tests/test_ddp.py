@@ -87,6 +87,8 @@ def test_nproc_2_trains_one_epoch_and_resumes_on_one_rank(tiny_folder, tmp_path)
     result = train_cli(["fastbyol.train", "--nproc", "2", "--data", str(tiny_folder), "--epochs", "2",
                         "--stop-at-step", "4", "--out", str(out), *COMMON], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    # INFO lines from rank 0 alone (the launcher's process prints none of these)
+    assert result.stderr.count("stopped at step 4 of") == 1, result.stderr[-3000:]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in lines if "lr" in r]  # training intervals (k-NN lines have no lr)
     assert steps == [1, 2, 3, 4]  # rank 0 alone writes; 64 images / 16 = 4 steps
