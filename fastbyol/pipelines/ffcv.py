@@ -49,6 +49,7 @@ from fastbyol.views import (Views, byol_view_specs, epoch_batches, eval_indices,
 
 log = logging.getLogger(__name__)
 
+STATUS_BYTES = 16  # spare bytes a row of the CPU-decode pipelines' output: room for the decode statuses
 MAX_FIELDS = 64  # far above any real .beton; guards against reading a huge descriptor table from junk
 CONVERT_HINT = "write it again with `python -m fastbyol.convert DIR --to ffcv`"
 INSTALL_HINT = ("pip install 'fastbyol[ffcv]', which builds against the apt packages pkg-config "
@@ -305,23 +306,28 @@ def _ffcv_classes():
             self.kind, self.size, self.max_bytes = kind, size, max_bytes
 
         def declare_state_and_memory(self, previous_state):
-            pixels = int(self.metadata["height"].max()) * int(self.metadata["width"].max()) * 3
             u8 = np.dtype("<u1")
-            shape = dict(packed=(pixels,), views=(2, 3, self.size, self.size), bytes=(self.max_bytes,))[self.kind]
-            memory = AllocationQuery(shape, u8)
-            if self.kind != "bytes":  # + a decode buffer per image
-                memory = (memory, AllocationQuery((pixels,), u8))
-            return replace(previous_state, jit_mode=True, shape=shape, dtype=u8), memory
+            if self.kind == "bytes":
+                shape = (self.max_bytes,)
+            else:  # the payload, and STATUS_BYTES a row for the batch's decode statuses (see run_layout)
+                pixels = int(self.metadata["height"].max()) * int(self.metadata["width"].max()) * 3
+                shape = ((pixels if self.kind == "packed" else 2 * 3 * self.size * self.size) + STATUS_BYTES,)
+            return replace(previous_state, jit_mode=True, shape=shape, dtype=u8), AllocationQuery(shape, u8)
 
         def generate_code(self):
             kernels = _kernels(Compiler.is_enabled)
             decode, to_chw, resize_view = kernels.decode, kernels.to_chw, kernels.resize_view
             mem_read, my_range = self.memory_read, Compiler.get_iterator()
+            size = self.size
 
-            def packed(batch_indices, memory, metadata, storage_state):
-                out, scratch = memory
+            # Both write their payload back to back from the start of the returned rows and sample i's
+            # decode status (1: libjpeg-turbo failed) in the i-th of the last n bytes, which the
+            # payload never reaches (STATUS_BYTES >= 1 spare bytes a row). The decode buffer is the
+            # thread's own, per image (a buffer per batch row would cost batch x the largest image).
+            def packed(batch_indices, out, metadata, storage_state):
                 flat = out.reshape(-1)
                 n = len(batch_indices)
+                status = flat[n * out.shape[1] - n:n * out.shape[1]]
                 starts = np.zeros(n, np.int64)
                 for i in range(1, n):
                     row = metadata[batch_indices[i - 1]]
@@ -329,21 +335,28 @@ def _ffcv_classes():
                 for i in my_range(n):
                     row = metadata[batch_indices[i]]
                     height, width = np.int64(row["height"]), np.int64(row["width"])
-                    decode(mem_read(row["data_ptr"], storage_state), row["mode"], height, width, scratch[i])
-                    to_chw(scratch[i], height, width, flat[starts[i]:starts[i] + height * width * 3])
+                    hwc = np.empty(height * width * 3, np.uint8)
+                    failed = decode(mem_read(row["data_ptr"], storage_state), row["mode"], height, width, hwc)
+                    status[i] = 1 if failed != 0 else 0
+                    to_chw(hwc, height, width, flat[starts[i]:starts[i] + height * width * 3])
                 return out[:n]
 
-            def views(batch_indices, memory, metadata, storage_state):
-                out, scratch = memory
+            def views(batch_indices, out, metadata, storage_state):
+                flat = out.reshape(-1)
                 n = len(batch_indices)
+                status = flat[n * out.shape[1] - n:n * out.shape[1]]
+                both = 2 * 3 * size * size
                 for i in my_range(n):
                     row = metadata[batch_indices[i]]
                     height, width = np.int64(row["height"]), np.int64(row["width"])
-                    decode(mem_read(row["data_ptr"], storage_state), row["mode"], height, width, scratch[i])
-                    resize_view(scratch[i], width, row["top0"], row["left0"], row["height0"], row["width0"],
-                                row["flip0"], out[i, 0])
-                    resize_view(scratch[i], width, row["top1"], row["left1"], row["height1"], row["width1"],
-                                row["flip1"], out[i, 1])
+                    hwc = np.empty(height * width * 3, np.uint8)
+                    failed = decode(mem_read(row["data_ptr"], storage_state), row["mode"], height, width, hwc)
+                    status[i] = 1 if failed != 0 else 0
+                    pair = flat[i * both:(i + 1) * both].reshape((2, 3, size, size))
+                    resize_view(hwc, width, row["top0"], row["left0"], row["height0"], row["width0"],
+                                row["flip0"], pair[0])
+                    resize_view(hwc, width, row["top1"], row["left1"], row["height1"], row["width1"],
+                                row["flip1"], pair[1])
                 return out[:n]
 
             def raw_bytes(batch_indices, out, metadata, storage_state):
@@ -413,13 +426,16 @@ class _Pipeline:
                              order=self.order, distributed=False, drop_last=False, batches_ahead=2,
                              pipelines={"image": [ImageOp(kind, size, max_bytes)], "label": [IntDecoder()]})
         self.metadata = self.loader.reader.metadata  # FFCV's own, before any columns are added
+        self.path, self.kind, self.size = path, kind, size
         self.compiled = False
         self.what = f"{path.name} ({kind}, batch {batch_size}, {workers} threads)"
 
     def run(self, order: np.ndarray, epoch: int = 0, metadata: np.ndarray | None = None
             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield (images, labels (n,)) per batch of `order`; FFCV's buffers, valid until the next
-        batch is asked for."""
+        """Yield (images, labels (n,)) per batch of `order`, images by kind: "packed" the flat decoded
+        images back to back, "views" (n, 2, 3, S, S), "bytes" (n, max_bytes). FFCV's buffers, valid
+        until the next batch is asked for. A sample whose JPEG data libjpeg-turbo cannot decode (a
+        .beton damaged after conversion: the converter decoded every file) raises InputError."""
         loader = self.loader
         self.order.order = order.astype(np.uint64)
         loader.first_traversal_order = self.order.order  # FFCV's len(): this epoch's, not epoch 0's
@@ -427,13 +443,24 @@ class _Pipeline:
         loader.reader.metadata = self.metadata if metadata is None else metadata
         batches = iter(loader)
         try:
-            start = time.perf_counter()
+            start, done = time.perf_counter(), 0
             while (batch := _next_batch(batches)) is not None:
                 if not self.compiled:
                     self.compiled = True
                     log.info("FFCV pipeline %s: numba compiled it and decoded the first batch in %.1f s "
                              "(once per process)", self.what, time.perf_counter() - start)
                 images, labels = batch
+                n = len(labels)
+                if self.kind != "bytes":
+                    flat = images.reshape(-1)
+                    failed = np.flatnonzero(flat[len(flat) - n:])
+                    if failed.size:
+                        raise InputError(f"{self.path}: sample {order[done + failed[0]]}'s JPEG data does not "
+                                         f"decode (libjpeg-turbo reports an error; {failed.size} of this batch's "
+                                         f"{n}): the file is damaged; {CONVERT_HINT}")
+                    images = flat if self.kind == "packed" else flat[:n * 2 * 3 * self.size ** 2].reshape(
+                        n, 2, 3, self.size, self.size)
+                done += n
                 yield images, labels.reshape(-1)
         finally:
             batches.close()
@@ -533,12 +560,28 @@ class _BetonLoader:
             return PackedImages(data, torch.cumsum(numel, 0) - numel, heights, widths)
         import torchvision.io  # looked up at each call: the decode-count test wraps decode_jpeg
         encoded = [torch.from_numpy(images[i, :n]) for i, n in enumerate(self.nbytes[index].tolist())]
-        decoded = torchvision.io.decode_jpeg(encoded, mode=torchvision.io.ImageReadMode.RGB, device=self.device)
+        try:
+            decoded = torchvision.io.decode_jpeg(encoded, mode=torchvision.io.ImageReadMode.RGB, device=self.device)
+        except RuntimeError as err:
+            raise self._undecodable(encoded, index, err) from err
         # Offsets and sizes stay host tensors, known from the metadata: the prefetcher carries them in
         # its one pinned copy (pack_images would copy them from pageable memory: a host sync per batch).
         numel = 3 * heights * widths
         return PackedImages(torch.cat([image.reshape(-1) for image in decoded]),
                             torch.cumsum(numel, 0) - numel, heights, widths)
+
+
+    def _undecodable(self, encoded: list[torch.Tensor], index: np.ndarray, err: RuntimeError) -> InputError:
+        """The error for a batch that decode_jpeg rejects, naming the first sample that fails alone."""
+        import torchvision.io
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        for data, sample in zip(encoded, index.tolist()):
+            try:
+                torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=self.device)
+            except RuntimeError:
+                return InputError(f"{self.path}: sample {sample}'s JPEG data does not decode ({reason}): the file "
+                                  f"is damaged; {CONVERT_HINT}")
+        return InputError(f"{self.path}: the batch of samples {index.tolist()} does not decode ({reason})")
 
 
 class FfcvLoader(_BetonLoader):
@@ -554,6 +597,9 @@ class FfcvLoader(_BetonLoader):
                  crop_on: str = "device"):
         if crop_on not in ("device", "cpu"):
             raise ValueError(f"crop_on={crop_on!r}: expected 'device' or 'cpu'")
+        if crop_on == "cpu" and ffcv_decode == "gpu":
+            raise ValueError("crop_on='cpu' crops in FFCV's threads after their decode; with ffcv_decode='gpu' "
+                             "the images are decoded on the device, so they are cropped there")
         super().__init__(root, split, workers, device, dtype, ffcv_decode, os_cache)
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.specs = byol_view_specs(image_size, small=small, scale=crop_scale)
