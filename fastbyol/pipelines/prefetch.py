@@ -92,10 +92,14 @@ def to_device(job: Any, device: torch.device | str) -> Any:
     return through_one_buffer(job, lambda staging: staging.to(device, non_blocking=True), pin=True)
 
 
-def through_one_buffer(job: Any, copy: Callable[[torch.Tensor], torch.Tensor], pin: bool) -> Any:
+def through_one_buffer(job: Any, copy: Callable[[torch.Tensor], torch.Tensor], pin: bool,
+                       reuse: torch.Tensor | None = None) -> Any:
     """job rebuilt from copy(staging), where staging is one uint8 buffer (pinned if `pin`) holding the
     bytes of all the job's host tensors, each at an ALIGN-byte boundary; the rebuilt tensors are
-    views into the copy. to_device's packing, apart from the copy (the CPU tests call it)."""
+    views into the copy. to_device's packing, apart from the copy (the CPU tests call it). `reuse`: a
+    uint8 buffer to stage in where it is large enough (the host benchmark's stand-in for the pinned
+    caching allocator, which hands back the same blocks: a fresh buffer each batch would time page
+    faults)."""
     leaves: list = []
     rebuild = _flatten(job, leaves)
     host = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor) and leaf.device.type == "cpu"]
@@ -103,7 +107,8 @@ def through_one_buffer(job: Any, copy: Callable[[torch.Tensor], torch.Tensor], p
     for i in host:
         starts.append(end)
         end += -(-leaves[i].numel() * leaves[i].element_size() // ALIGN) * ALIGN
-    staging = torch.empty(end, dtype=torch.uint8, pin_memory=pin)
+    staging = (reuse[:end] if reuse is not None and reuse.numel() >= end
+               else torch.empty(end, dtype=torch.uint8, pin_memory=pin))
     for i, start in zip(host, starts):
         leaf = leaves[i].contiguous().reshape(-1)
         staging[start:start + leaf.numel() * leaf.element_size()].copy_(leaf.view(torch.uint8))
