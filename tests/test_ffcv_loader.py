@@ -186,10 +186,61 @@ def test_bench_host_only_stages_what_each_design_sends(cifar, tmp_path):
     assert all(kernels[f"{name}_ms_per_img"] > 0 for name in ("decode", "to_chw", "resize_view"))
     a = rows["ours: ffcv, cpu decode, (a) crop on the device, host side only"]
     b = rows["ours: ffcv, cpu decode, (b) crop in numba, host side only"]
-    assert a["img_per_s"] > 0 and b["img_per_s"] > 0
+    assert a["img_per_s"] > 0 and b["img_per_s"] > 0 and a["staging_ms_per_img"] > 0
     image_kb, params_kb = 3 * 32 * 32 / 1024, 0.5  # the parameters: a few dozen numbers per sample and view
     assert image_kb <= a["staged_kb_per_img"] < image_kb + params_kb
     assert 2 * image_kb <= b["staged_kb_per_img"] < 2 * image_kb + params_kb
+
+
+def test_damaged_jpeg_data_in_the_beton_is_an_error_naming_the_sample(cifar, tmp_path):
+    """A .beton damaged after conversion (one sample's JPEG bytes overwritten with zeros) stops each
+    decode path with an InputError naming the file and that sample, instead of training on garbage."""
+    import shutil
+    _, out = cifar
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    reader = ffcv_mod.open_beton(damaged / "train.beton")
+    sample = 7
+    pointer = int(reader.metadata["f0"]["data_ptr"][sample])
+    table = reader.alloc_table
+    size = int(table["size"][np.flatnonzero(table["ptr"] == pointer)[0]])
+    with open(damaged / "train.beton", "r+b") as f:
+        f.seek(pointer)
+        f.write(bytes(size))
+    common = dict(batch_size=BATCH, image_size=32, small=True, seed=5, workers=1)
+    for options in MODES.values():
+        with pytest.raises(InputError, match=rf"train\.beton: sample {sample}'s JPEG data does not decode"):
+            for _ in FfcvLoader(damaged, **common, **options).epoch(0):
+                pass
+
+
+def test_the_sampler_sees_the_sizes_the_reference_decodes(cifar, photos):
+    """Crop boxes, flips and colour are sample_view_params(seed, epoch, index, view, spec, height,
+    width) on every loader; FFCV's come from the .beton's stored sizes, the reference loader's from the
+    images it decodes (EXIF-upright). Equal sizes for every index, hence equal parameters."""
+    from fastbyol.pipelines.torchvision import decode_image
+    for (source, out), count in ((cifar, 100), (photos, 47)):
+        ours = FfcvLoader(out, batch_size=16, image_size=32, small=True, workers=1)
+        reference = TorchvisionLoader(source, batch_size=16, image_size=32, small=True)
+        sizes = torch.tensor([decode_image(path).shape[-2:] for path, _ in reference.samples[:count]])
+        assert torch.equal(ours.heights[:count], sizes[:, 0]) and torch.equal(ours.widths[:count], sizes[:, 1])
+
+
+def test_numba_compiles_each_pipeline_once_per_process_and_logs_it(cifar, caplog):
+    """Two epochs, a second training loader and an evaluation loader with the same settings: one
+    pipeline, compiled once, one log line with its time (batch 24: a pipeline no other test makes)."""
+    import logging
+    import re
+    _, out = cifar
+    caplog.set_level(logging.INFO, logger="fastbyol.pipelines.ffcv")
+    common = dict(batch_size=24, image_size=32, small=True, workers=1)
+    first = FfcvLoader(out, **common, subset=48)
+    for epoch in (0, 1):
+        assert len(list(first.epoch(epoch))) == 2
+    assert len(list(FfcvLoader(out, **common, subset=48).epoch(2))) == 2
+    assert len(list(FfcvEvalLoader(out, "train", **common, max_samples=48))) == 2
+    lines = [r.getMessage() for r in caplog.records if "numba compiled it" in r.getMessage()]
+    assert len(lines) == 1 and re.search(r"batch 24, 1 threads\): numba compiled it .* in \d+\.\d s", lines[0]), lines
 
 
 def test_each_image_is_decoded_once(cifar, monkeypatch):
