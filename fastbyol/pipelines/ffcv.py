@@ -309,7 +309,7 @@ def _ffcv_classes():
             u8 = np.dtype("<u1")
             if self.kind == "bytes":
                 shape = (self.max_bytes,)
-            else:  # the payload, and STATUS_BYTES a row for the batch's decode statuses (see run_layout)
+            else:  # the payload, and STATUS_BYTES a row for the batch's decode statuses (below)
                 pixels = int(self.metadata["height"].max()) * int(self.metadata["width"].max()) * 3
                 shape = ((pixels if self.kind == "packed" else 2 * 3 * self.size * self.size) + STATUS_BYTES,)
             return replace(previous_state, jit_mode=True, shape=shape, dtype=u8), AllocationQuery(shape, u8)
@@ -569,7 +569,6 @@ class _BetonLoader:
         numel = 3 * heights * widths
         return PackedImages(torch.cat([image.reshape(-1) for image in decoded]),
                             torch.cumsum(numel, 0) - numel, heights, widths)
-
 
     def _undecodable(self, encoded: list[torch.Tensor], index: np.ndarray, err: RuntimeError) -> InputError:
         """The error for a batch that decode_jpeg rejects, naming the first sample that fails alone."""
