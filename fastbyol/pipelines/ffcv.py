@@ -238,9 +238,10 @@ def _kernels(jit: bool):
     def resize_view(hwc, width, top, left, box_height, box_width, flip, out):
         """One view: box (top, left, box_height, box_width) of an H x W x 3 image (flat, row length
         width), resized to out's S x S by PIL's antialiased bicubic (horizontal pass, uint8, then
-        vertical), flipped if asked, into out (3, S, S). int32 sums, as PIL's (the weights sum to
-        2**22, so 255 x their positive part stays below 2**31); the vertical pass runs along whole
-        rows, which numba vectorizes (about 2.5x faster than a pixel at a time)."""
+        vertical), flipped if asked, into out (3, S, S). The sums stay within int32, as PIL's (the
+        weights sum to 2**22, so 255 x their positive part stays below 2**31), and the vertical pass
+        keeps its row of sums as int32; it runs along whole rows, which numba vectorizes (about 2.5x
+        faster than a pixel at a time)."""
         size = out.shape[1]
         xs, xn, xw = coefficients(box_width, size, cubic)
         ys, yn, yw = coefficients(box_height, size, cubic)
@@ -562,25 +563,30 @@ class _BetonLoader:
         encoded = [torch.from_numpy(images[i, :n]) for i, n in enumerate(self.nbytes[index].tolist())]
         try:
             decoded = torchvision.io.decode_jpeg(encoded, mode=torchvision.io.ImageReadMode.RGB, device=self.device)
-        except RuntimeError as err:
-            raise self._undecodable(encoded, index, err) from err
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as err:  # bad data, or the device failing: a bad sample is named, else re-raised
+            sample = self._first_undecodable(encoded, index)
+            if sample is None:
+                raise
+            raise InputError(f"{self.path}: sample {sample}'s JPEG data does not decode: the file is damaged; "
+                             f"{CONVERT_HINT}") from err
         # Offsets and sizes stay host tensors, known from the metadata: the prefetcher carries them in
         # its one pinned copy (pack_images would copy them from pageable memory: a host sync per batch).
         numel = 3 * heights * widths
         return PackedImages(torch.cat([image.reshape(-1) for image in decoded]),
                             torch.cumsum(numel, 0) - numel, heights, widths)
 
-    def _undecodable(self, encoded: list[torch.Tensor], index: np.ndarray, err: RuntimeError) -> InputError:
-        """The error for a batch that decode_jpeg rejects, naming the first sample that fails alone."""
+    def _first_undecodable(self, encoded: list[torch.Tensor], index: np.ndarray) -> int | None:
+        """The dataset index of the first sample whose bytes do not decode on their own, on the CPU (a
+        device in an error state would fail them all), or None."""
         import torchvision.io
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         for data, sample in zip(encoded, index.tolist()):
             try:
-                torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=self.device)
+                torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB)
             except RuntimeError:
-                return InputError(f"{self.path}: sample {sample}'s JPEG data does not decode ({reason}): the file "
-                                  f"is damaged; {CONVERT_HINT}")
-        return InputError(f"{self.path}: the batch of samples {index.tolist()} does not decode ({reason})")
+                return sample
+        return None
 
 
 class FfcvLoader(_BetonLoader):
