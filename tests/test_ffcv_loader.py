@@ -182,7 +182,7 @@ def test_bench_host_only_stages_what_each_design_sends(cifar, tmp_path):
                 "1", "--workers", "1", "--device", "cpu", "--json", str(result_path)])
     rows = {row["path"]: row for row in json.loads(result_path.read_text())["rows"]}
     kernels = rows["ffcv numba kernels, 1 thread (ms per image; resize_view per view)"]
-    assert kernels["images"] == 200 and kernels["mean_pixels"] == 32 * 32
+    assert kernels["images"] == 200 and kernels["passes"] == 5 and kernels["mean_pixels"] == 32 * 32
     assert all(kernels[f"{name}_ms_per_img"] > 0 for name in ("decode", "to_chw", "resize_view"))
     a = rows["ours: ffcv, cpu decode, (a) crop on the device, host side only"]
     b = rows["ours: ffcv, cpu decode, (b) crop in numba, host side only"]
@@ -208,10 +208,22 @@ def test_damaged_jpeg_data_in_the_beton_is_an_error_naming_the_sample(cifar, tmp
         f.seek(pointer)
         f.write(bytes(size))
     common = dict(batch_size=BATCH, image_size=32, small=True, seed=5, workers=1)
+    error = rf"train\.beton: sample {sample}'s JPEG data does not decode"
     for options in MODES.values():
-        with pytest.raises(InputError, match=rf"train\.beton: sample {sample}'s JPEG data does not decode"):
+        with pytest.raises(InputError, match=error):
             for _ in FfcvLoader(damaged, **common, **options).epoch(0):
                 pass
+    # Resumed mid-epoch, from the batch before the damaged sample's; and the evaluation loader.
+    from fastbyol.views import epoch_batches
+    batches = epoch_batches(1000, BATCH, 1, 0, 5, 0)
+    start = next(k for k, batch in enumerate(batches) if sample in batch) - 1
+    assert start > 0
+    with pytest.raises(InputError, match=error):
+        for _ in FfcvLoader(damaged, **common).epoch(0, start_batch=start):
+            pass
+    with pytest.raises(InputError, match=error):
+        for _ in FfcvEvalLoader(damaged, "train", image_size=32, batch_size=BATCH, small=True, workers=1):
+            pass
 
 
 def test_the_sampler_sees_the_sizes_the_reference_decodes(cifar, photos):
@@ -228,17 +240,21 @@ def test_the_sampler_sees_the_sizes_the_reference_decodes(cifar, photos):
 
 def test_numba_compiles_each_pipeline_once_per_process_and_logs_it(cifar, caplog):
     """Two epochs, a second training loader and an evaluation loader with the same settings: one
-    pipeline, compiled once, one log line with its time (batch 24: a pipeline no other test makes)."""
+    pipeline, compiled once (numba compiles nothing after the first epoch), one log line with its time
+    (batch 24: a pipeline no other test makes)."""
     import logging
     import re
     _, out = cifar
     caplog.set_level(logging.INFO, logger="fastbyol.pipelines.ffcv")
     common = dict(batch_size=24, image_size=32, small=True, workers=1)
+    from numba.core import event
     first = FfcvLoader(out, **common, subset=48)
-    for epoch in (0, 1):
-        assert len(list(first.epoch(epoch))) == 2
-    assert len(list(FfcvLoader(out, **common, subset=48).epoch(2))) == 2
-    assert len(list(FfcvEvalLoader(out, "train", **common, max_samples=48))) == 2
+    assert len(list(first.epoch(0))) == 2
+    with event.install_recorder("numba:compile") as compiles:  # numba's own record of its compilations
+        assert len(list(first.epoch(1))) == 2
+        assert len(list(FfcvLoader(out, **common, subset=48).epoch(2))) == 2
+        assert len(list(FfcvEvalLoader(out, "train", **common, max_samples=48))) == 2
+    assert compiles.buffer == []
     lines = [r.getMessage() for r in caplog.records if "numba compiled it" in r.getMessage()]
     assert len(lines) == 1 and re.search(r"batch 24, 1 threads\): numba compiled it .* in \d+\.\d s", lines[0]), lines
 
