@@ -321,10 +321,19 @@ def _ffcv_classes():
             mem_read, my_range = self.memory_read, Compiler.get_iterator()
             size = self.size
 
+            def decode_sample(row, storage_state):
+                """Sample `row`'s image into a new H x W x 3 buffer (flat), the decoding thread's own (a
+                buffer per batch row would cost batch x the largest image); 1 if libjpeg-turbo failed."""
+                height, width = np.int64(row["height"]), np.int64(row["width"])
+                hwc = np.empty(height * width * 3, np.uint8)
+                failed = decode(mem_read(row["data_ptr"], storage_state), row["mode"], height, width, hwc)
+                return hwc, 1 if failed != 0 else 0
+
+            decode_sample = Compiler.compile(decode_sample)
+
             # Both write their payload back to back from the start of the returned rows and sample i's
-            # decode status (1: libjpeg-turbo failed) in the i-th of the last n bytes, which the
-            # payload never reaches (STATUS_BYTES >= 1 spare bytes a row). The decode buffer is the
-            # thread's own, per image (a buffer per batch row would cost batch x the largest image).
+            # decode status in the i-th of the last n bytes, which the payload never reaches
+            # (STATUS_BYTES >= 1 spare bytes a row).
             def packed(batch_indices, out, metadata, storage_state):
                 flat = out.reshape(-1)
                 n = len(batch_indices)
@@ -335,10 +344,8 @@ def _ffcv_classes():
                     starts[i] = starts[i - 1] + np.int64(row["height"]) * np.int64(row["width"]) * 3
                 for i in my_range(n):
                     row = metadata[batch_indices[i]]
+                    hwc, status[i] = decode_sample(row, storage_state)
                     height, width = np.int64(row["height"]), np.int64(row["width"])
-                    hwc = np.empty(height * width * 3, np.uint8)
-                    failed = decode(mem_read(row["data_ptr"], storage_state), row["mode"], height, width, hwc)
-                    status[i] = 1 if failed != 0 else 0
                     to_chw(hwc, height, width, flat[starts[i]:starts[i] + height * width * 3])
                 return out[:n]
 
@@ -349,11 +356,9 @@ def _ffcv_classes():
                 both = 2 * 3 * size * size
                 for i in my_range(n):
                     row = metadata[batch_indices[i]]
-                    height, width = np.int64(row["height"]), np.int64(row["width"])
-                    hwc = np.empty(height * width * 3, np.uint8)
-                    failed = decode(mem_read(row["data_ptr"], storage_state), row["mode"], height, width, hwc)
-                    status[i] = 1 if failed != 0 else 0
+                    hwc, status[i] = decode_sample(row, storage_state)
                     pair = flat[i * both:(i + 1) * both].reshape((2, 3, size, size))
+                    width = np.int64(row["width"])
                     resize_view(hwc, width, row["top0"], row["left0"], row["height0"], row["width0"],
                                 row["flip0"], pair[0])
                     resize_view(hwc, width, row["top1"], row["left1"], row["height1"], row["width1"],
